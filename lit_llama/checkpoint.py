@@ -1,0 +1,157 @@
+"""Checkpoint directories: `lit-llama.pth` (state dict), `model_config.json` and the tokenizer files.
+
+Loading is memory-mapped and pickle-safe (`weights_only=True`); every write goes to a temporary file that is
+renamed into place, so an interrupted save never leaves a half-written checkpoint behind.
+"""
+import json
+import os
+import pickle
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import torch
+
+from lit_llama.errors import UserError
+from lit_llama.model import LLaMA, Config, configs
+
+CHECKPOINT_NAME = "lit-llama.pth"
+CONFIG_NAME = "model_config.json"
+
+
+@contextmanager
+def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed to `path`, on failure removed."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise UserError(f"cannot write to {path.parent}: {error.strerror}") from None
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_torch(obj, path: Union[str, Path]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_json(obj, path: Union[str, Path]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def load_torch(path: Union[str, Path], mmap: bool = True):
+    """torch.load that only accepts tensors and plain containers, with one-line errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise UserError(f"refusing to load {path}: it holds Python objects, not just tensors ({first_line})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        raise UserError(f"{path} is truncated or corrupt and cannot be read ({type(error).__name__})") from None
+
+
+def checkpoint_dir(checkpoint_path: Union[str, Path]) -> Path:
+    """Scripts take `<dir>/lit-llama.pth`; a directory is accepted too."""
+    path = Path(checkpoint_path)
+    return path if path.is_dir() else path.parent
+
+
+def weights_path(checkpoint_path: Union[str, Path]) -> Path:
+    path = Path(checkpoint_path)
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def save_config(config: Config, directory: Union[str, Path]) -> None:
+    save_json(config.to_dict(), Path(directory) / CONFIG_NAME)
+
+
+def load_config(checkpoint_path: Union[str, Path], state_dict: Optional[dict] = None) -> Config:
+    """The config in `model_config.json` beside the checkpoint, or one inferred from the tensor shapes."""
+    config_file = checkpoint_dir(checkpoint_path) / CONFIG_NAME
+    if config_file.is_file():
+        try:
+            return Config.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, TypeError, ValueError) as error:
+            raise UserError(f"{config_file} is not a valid model config: {error}") from None
+    if state_dict is None:
+        state_dict = load_torch(weights_path(checkpoint_path))
+    config = infer_config(state_dict)
+    print(f"no {CONFIG_NAME} beside {checkpoint_path}: inferred config {config.name!r} from tensor shapes", file=sys.stderr)
+    return config
+
+
+def infer_config(state_dict: dict) -> Config:
+    """Shapes give every size but the head count; a known config with those sizes decides it, else 128-wide heads."""
+    try:
+        vocab, n_embd = state_dict["transformer.wte.weight"].shape
+        n_layer = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("transformer.h."))
+        intermediate = state_dict["transformer.h.0.mlp.gate_proj.weight"].shape[0]
+        kv_width = state_dict["transformer.h.0.attn.k_proj.weight"].shape[0]
+    except (KeyError, ValueError) as error:
+        raise UserError(f"cannot infer a model config: the state dict is not a lit-llama model ({error})") from None
+    tied = "lm_head.weight" not in state_dict
+    for name, values in configs.items():
+        candidate = Config.from_name(name)
+        if (candidate.padded_vocab_size, candidate.n_embd, candidate.n_layer, candidate.intermediate_size) == (
+            vocab, n_embd, n_layer, intermediate
+        ) and candidate.n_query_groups * candidate.head_size == kv_width and candidate.tie_embeddings == tied:
+            return candidate
+    head_size = 128 if n_embd % 128 == 0 else 64
+    return Config(
+        name="inferred", vocab_size=vocab, n_layer=n_layer, n_head=n_embd // head_size,
+        n_query_groups=kv_width // head_size, n_embd=n_embd, intermediate_size=intermediate, tie_embeddings=tied,
+    )
+
+
+def check_shapes(model: torch.nn.Module, state_dict: dict, source: Union[str, Path]) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise UserError(
+            f"{source} does not match the model config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for key, tensor in expected.items():
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            raise UserError(
+                f"{source}: tensor {key} has shape {tuple(state_dict[key].shape)}, "
+                f"the config expects {tuple(tensor.shape)}"
+            )
+
+
+def load_weights(model: LLaMA, state_dict: dict, source: Union[str, Path], dtype: Optional[torch.dtype] = None) -> None:
+    """Load into a (possibly meta-device) model without holding a second copy: tensors are assigned, not copied."""
+    check_shapes(model, state_dict, source)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+
+
+def load(
+    checkpoint_path: Union[str, Path], device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None
+):
+    """`model, tokenizer = load("checkpoints/x/lit-llama.pth")`: the model in eval mode and its tokenizer."""
+    from lit_llama.tokenizer import Tokenizer
+
+    path = weights_path(checkpoint_path)
+    state_dict = load_torch(path)
+    config = load_config(path, state_dict)
+    with torch.device("meta"):
+        model = LLaMA(config)
+    load_weights(model, state_dict, path, dtype)
+    model = model.to(device).eval()
+    return model, Tokenizer(checkpoint_dir(path))

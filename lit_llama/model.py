@@ -1,0 +1,321 @@
+"""A compact LLaMA: config, RMSNorm, RoPE, grouped-query attention with a preallocated KV cache, SwiGLU MLP.
+
+Weight names follow Hugging Face's Llama layout (q_proj, k_proj, ...) so conversions are plain renames,
+and queries/keys use the "rotate half" RoPE convention that Hugging Face checkpoints are stored in.
+"""
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    name: str = ""
+    block_size: int = 2048
+    vocab_size: int = 32000
+    padding_multiple: int = 64
+    padded_vocab_size: Optional[int] = None
+    n_layer: int = 32
+    n_head: int = 32
+    n_query_groups: Optional[int] = None  # None: multi-head attention (one KV head per query head)
+    n_embd: int = 4096
+    intermediate_size: int = 11008
+    rope_base: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Llama-3.1 style: factor, low_freq_factor, high_freq_factor, original_max_seq_len
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = math.ceil(self.vocab_size / self.padding_multiple) * self.padding_multiple
+        if self.n_embd % self.n_head or self.n_head % self.n_query_groups:
+            raise ValueError(
+                f"config {self.name!r}: n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
+                f"and n_head by n_query_groups ({self.n_query_groups})"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "Config":
+        if name not in configs:
+            raise ValueError(f"unknown model config {name!r}; known: {', '.join(configs)}")
+        return cls(name=name, **{**configs[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+llama3_rope = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+configs = {
+    # Original LLaMA (Touvron et al. 2023)
+    "7B": dict(n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, norm_eps=1e-6),
+    "13B": dict(n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824, norm_eps=1e-6),
+    "30B": dict(n_layer=60, n_head=52, n_embd=6656, intermediate_size=17920, norm_eps=1e-6),
+    "65B": dict(n_layer=80, n_head=64, n_embd=8192, intermediate_size=22016, norm_eps=1e-6),
+    # Llama 2
+    "Llama-2-7b": dict(block_size=4096, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008),
+    "Llama-2-13b": dict(block_size=4096, n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824),
+    "Llama-2-70b": dict(
+        block_size=4096, n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672
+    ),
+    # Llama 3.1
+    "Llama-3.1-8B": dict(
+        block_size=131072, vocab_size=128256, n_layer=32, n_head=32, n_query_groups=8, n_embd=4096,
+        intermediate_size=14336, rope_base=500000.0, rope_scaling=llama3_rope,
+    ),
+    "Mistral-7B": dict(
+        block_size=32768, n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336,
+        rope_base=1000000.0,
+    ),
+    "TinyLlama-1.1B": dict(n_layer=22, n_head=32, n_query_groups=4, n_embd=2048, intermediate_size=5632),
+    # SmolLM2 (Hugging Face TB)
+    "SmolLM2-135M": dict(
+        block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_query_groups=3, n_embd=576,
+        intermediate_size=1536, rope_base=100000.0, tie_embeddings=True,
+    ),
+    "SmolLM2-360M": dict(
+        block_size=8192, vocab_size=49152, n_layer=32, n_head=15, n_query_groups=5, n_embd=960,
+        intermediate_size=2560, rope_base=100000.0, tie_embeddings=True,
+    ),
+    "SmolLM2-1.7B": dict(
+        block_size=8192, vocab_size=49152, n_layer=24, n_head=32, n_embd=2048, intermediate_size=8192,
+        rope_base=130000.0, tie_embeddings=True,
+    ),
+    # Tiny configs for tests
+    "tiny": dict(block_size=128, vocab_size=320, n_layer=2, n_head=4, n_embd=64, intermediate_size=172),
+    "tiny-gqa": dict(
+        block_size=128, vocab_size=320, n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=172,
+        rope_base=100000.0, tie_embeddings=True,
+    ),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 as the reference implementations do; bf16 loses too much here
+        x_fp32 = x.float()
+        x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x_fp32 * self.weight.float()).to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cache(config: Config, length: int, device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (length, head_size), in fp32."""
+    dim = config.head_size
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    if config.rope_scaling:
+        inv_freq = llama3_scaled_frequencies(inv_freq, **config.rope_scaling)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def llama3_scaled_frequencies(
+    inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float, original_max_seq_len: int
+) -> torch.Tensor:
+    """Llama 3.1's long-context rule: keep high frequencies, divide low ones by `factor`, blend in between."""
+    wavelength = 2 * math.pi / inv_freq
+    low_freq_wavelength = original_max_seq_len / low_freq_factor
+    high_freq_wavelength = original_max_seq_len / high_freq_factor
+    smooth = (original_max_seq_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelength > low_freq_wavelength, inv_freq / factor, inv_freq)
+    in_between = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
+    return torch.where(in_between, blended, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values for positions [0, max_seq_length), allocated once and filled in place."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_length: int, head_size: int, device, dtype) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_length, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = input_pos + k.size(2)
+        self.k[: k.size(0), :, input_pos:end] = k
+        self.v[: v.size(0), :, input_pos:end] = v
+        return self.k[: k.size(0), :, :end], self.v[: v.size(0), :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        hs = config.head_size
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * hs, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, config.n_query_groups * hs, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, config.n_query_groups * hs, bias=False)
+        self.o_proj = nn.Linear(config.n_head * hs, config.n_embd, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[int] = None
+    ) -> torch.Tensor:
+        q, k, v = self.project_qkv(x, cos, sin)
+        y = self.attend(q, k, v, input_pos)
+        return self.o_proj(y)
+
+    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """(B, T, C) -> q (B, n_head, T, hs), k and v (B, n_query_groups, T, hs), with RoPE applied."""
+        B, T, _ = x.shape
+        hs = self.config.head_size
+        q = self.q_proj(x).view(B, T, -1, hs).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, hs).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, hs).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[int]) -> torch.Tensor:
+        """Causal attention over this call's keys plus, when generating, the cached ones. Returns (B, T, C)."""
+        B, _, T, _ = q.shape
+        gqa = self.config.n_query_groups != self.config.n_head
+        if input_pos is None or self.kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            if T == 1:  # one new token sees every cached position: no mask needed
+                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            else:
+                # query i sits at absolute position input_pos + i and may see keys 0..input_pos + i
+                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=q.device).tril(diagonal=input_pos)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return y.transpose(1, 2).reshape(B, T, -1)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[int] = None):
+        x = x + self.attn(self.norm_1(x), cos, sin, input_pos)
+        return x + self.mlp(self.norm_2(x))
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=RMSNorm(config.n_embd, eps=config.norm_eps),
+            )
+        )
+        # tied models read the output projection from the embedding table: one tensor, one state-dict key
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # RoPE tables are derived data, not weights: kept out of the state dict and rebuilt per device
+        self.rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.max_seq_length = config.block_size
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[int] = None) -> torch.Tensor:
+        """idx: (B, T) token ids. input_pos: position of idx[:, 0] when generating with the KV cache.
+
+        Returns logits of shape (B, T, padded_vocab_size); the first `vocab_size` columns are real tokens.
+        """
+        return self.head(self.features(idx, input_pos))
+
+    def features(self, idx: torch.Tensor, input_pos: Optional[int] = None) -> torch.Tensor:
+        """The final normalised hidden states (B, T, n_embd), before the output projection."""
+        T = idx.size(1)
+        start = input_pos or 0
+        limit = self.max_seq_length
+        if start + T > limit:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds the model's context of {limit} "
+                f"(block_size {self.config.block_size}, KV cache {self.max_seq_length})"
+            )
+        cos, sin = self.rope_tables(idx.device)
+        cos, sin = cos[start : start + T], sin[start : start + T]
+        x = self.transformer.wte(idx)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, input_pos)
+        return self.transformer.ln_f(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(x, self.transformer.wte.weight)
+        return self.lm_head(x)
+
+    def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope is None or self.rope[0].device != device or self.rope[0].size(0) < self.max_seq_length:
+            self.rope = rope_cache(self.config, self.max_seq_length, device)
+        return self.rope
+
+    def setup_kv_cache(self, batch_size: int, max_seq_length: int, device=None, dtype=None) -> None:
+        """Preallocate the KV cache for generation of up to `max_seq_length` tokens (prompt included)."""
+        if max_seq_length > self.config.block_size:
+            raise ValueError(
+                f"prompt plus new tokens ({max_seq_length}) exceed the model's block_size ({self.config.block_size})"
+            )
+        reference = self.transformer.wte.weight
+        device = device or reference.device
+        dtype = dtype or reference.dtype
+        self.max_seq_length = max_seq_length
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(
+                batch_size, self.config.n_query_groups, max_seq_length, self.config.head_size, device, dtype
+            )
+
+    def clear_kv_cache(self) -> None:
+        self.max_seq_length = self.config.block_size
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def reset_parameters(self) -> None:
+        """Random init (0.02 normal, zero-free) for models built on the meta device and then materialised."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()

@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lit-llama",
+    version="0.1.0",
+    description="A compact, hackable toolkit to finetune LLaMA-family models with LoRA, adapters or fully",
+    packages=find_packages(include=["lit_llama", "lit_llama.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.5",
+        "lightning>=2.4",
+        "sentencepiece",
+        "tokenizers",
+        "safetensors",
+        "tqdm",
+        "numpy",
+        "jsonargparse[signatures]>=4.27",
+        "matplotlib",
+    ],
+    extras_require={
+        "gguf": ["gguf>=0.10"],
+        "test": ["pytest", "hypothesis", "transformers>=4.45", "peft", "gguf>=0.10", "psutil"],
+    },
+)
