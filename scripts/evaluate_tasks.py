@@ -1,0 +1,117 @@
+"""Exact-match evaluation: greedy answers on a held-out split, scored per task against the reference outputs.
+
+Works for a base checkpoint (`--checkpoint_path` alone) and for LoRA, adapter and full finetunes
+(`--finetuned_path`, whose finetune_config.json names the method and its settings).
+"""
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from lit_llama.checkpoint import load, save_json
+from lit_llama.cli import run_cli
+from lit_llama.errors import UserError
+from lit_llama.finetuned import load_finetuned
+from lit_llama.generation import generate
+from lit_llama.precision import resolve_precision, weights_dtype
+from lit_llama.prompts import PromptStyle
+
+
+def main(
+    checkpoint_path: Path = Path("checkpoints/smollm2-135m-instruct/lit-llama.pth"),
+    finetuned_path: Optional[Path] = None,
+    data_dir: Path = Path("data/builtin"),
+    data_file: Optional[Path] = None,
+    prompt_style: Optional[str] = None,
+    max_records: Optional[int] = None,
+    max_new_tokens: int = 48,
+    precision: Optional[str] = None,
+    output_json: Path = Path("out/evaluation.json"),
+) -> None:
+    """Generate greedily for each held-out record and report exact match per task and overall.
+
+    Args:
+        checkpoint_path: the base model's lit-llama.pth.
+        finetuned_path: a LoRA, adapter or full finetuning checkpoint (finetune_config.json beside it); omit
+            to evaluate the base model.
+        data_dir: a prepared dataset; its test.json holds the held-out records.
+        data_file: instead of data_dir, your own JSON list of records with instruction, input (optional),
+            output and task (optional) fields.
+        prompt_style: the prompt template; default: the finetuning's, else the dataset's, else alpaca.
+        max_records: evaluate only the first N records.
+        max_new_tokens: the longest answer generated.
+        precision: Fabric precision name; default bf16 where supported.
+        output_json: where the per-record answers and the scores are written.
+    """
+    records_file = data_file or data_dir / "test.json"
+    records = read_records(records_file)[:max_records]
+    dtype = weights_dtype(resolve_precision(precision))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if finetuned_path is None:
+        model, tokenizer = load(checkpoint_path, device=device, dtype=dtype)
+        trained_style = None
+    else:
+        model, tokenizer, finetune_config = load_finetuned(finetuned_path, checkpoint_path, device=device, dtype=dtype)
+        trained_style = finetune_config.get("prompt_style")
+    style = PromptStyle.from_name(prompt_style or trained_style or dataset_prompt_style(data_dir, data_file))
+
+    results = []
+    correct_by_task, total_by_task = defaultdict(int), defaultdict(int)
+    start = time.perf_counter()
+    for record in tqdm(records, desc="evaluating", unit="record", file=sys.stderr):
+        prompt_ids = tokenizer.encode(style.apply(record["instruction"], record.get("input", "")))
+        answer_ids = list(generate(model, prompt_ids, max_new_tokens, temperature=0, stop_ids=tokenizer.stop_ids))
+        answer_ids = [i for i in answer_ids if i not in tokenizer.stop_ids]
+        answer = tokenizer.decode(answer_ids).strip()
+        exact = answer == record["output"].strip()
+        task = record.get("task", "all")
+        correct_by_task[task] += exact
+        total_by_task[task] += 1
+        results.append({"task": task, "input": record.get("input", ""), "expected": record["output"], "answer": answer, "exact": exact})
+
+    scores = {task: 100.0 * correct_by_task[task] / total_by_task[task] for task in sorted(total_by_task)}
+    overall = 100.0 * sum(correct_by_task.values()) / len(records)
+    summary = {
+        "checkpoint_path": str(checkpoint_path),
+        "finetuned_path": str(finetuned_path) if finetuned_path else None,
+        "records": len(records),
+        "exact_match": overall,
+        "exact_match_by_task": scores,
+        "seconds": time.perf_counter() - start,
+        "results": results,
+    }
+    save_json(summary, output_json)
+    for task, score in scores.items():
+        print(f"{task:>24}: {score:5.1f}% exact match ({total_by_task[task]} records)")
+    print(f"{'overall':>24}: {overall:5.1f}% exact match ({len(records)} records)  -> {output_json}")
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"evaluation records not found: {path}")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(records, list) or not records:
+        raise UserError(f"{path} must hold a non-empty JSON list of records")
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) or not isinstance(record.get("output"), str):
+            raise UserError(f"{path}: record {number} needs string 'instruction' and 'output' fields")
+    return records
+
+
+def dataset_prompt_style(data_dir: Path, data_file: Optional[Path]) -> str:
+    meta_file = data_dir / "meta.json"
+    if data_file is None and meta_file.is_file():
+        return json.loads(meta_file.read_text(encoding="utf-8")).get("prompt_style", "alpaca")
+    return "alpaca"
+
+
+if __name__ == "__main__":
+    run_cli(main)
