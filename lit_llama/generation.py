@@ -1,10 +1,22 @@
 """Autoregressive sampling as gpt-fast does it: one prefill over the prompt, then one-token decode steps
-that read and extend a KV cache allocated once for the whole generation."""
-from typing import Iterator, Optional
+that read and extend a KV cache allocated once for the whole generation.
+
+Also the mechanics every generate/*.py script shares: choosing device, precision and seed (`setup_runtime`),
+streaming a sample's text to stdout as its tokens are made (`stream_text`), the timing and memory line on stderr
+(`print_stats`), and the loop over samples that ties them together (`generate_samples`).
+"""
+import contextlib
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, TextIO
 
 import torch
 
+from lit_llama.errors import UserError
 from lit_llama.model import LLaMA
+from lit_llama.precision import autocast_dtype, resolve_precision, weights_dtype
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.8, top_k: Optional[int] = 200, top_p: float = 1.0) -> torch.Tensor:
@@ -64,3 +76,118 @@ def generate(
             position += 1
     finally:
         model.clear_kv_cache()
+
+
+@dataclass
+class Runtime:
+    """Where and in what precision generation runs."""
+
+    device: torch.device
+    precision: str  # Fabric's names: "bf16-true", "32-true", "bf16-mixed", ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype to load weights in (fp32 for mixed precision, which autocasts the matmuls)."""
+        return weights_dtype(self.precision)
+
+    def autocast(self):
+        dtype = autocast_dtype(self.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+def setup_runtime(precision: Optional[str] = None, seed: int = 1234) -> Runtime:
+    """CUDA if present, else CPU; `precision=None` picks bf16-true where supported, else 32-true; seeds torch."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(seed)
+    return Runtime(device, resolve_precision(precision))
+
+
+def check_length(prompt_length: int, max_new_tokens: int, block_size: int) -> int:
+    """Refuse a prompt that fills the context; shorten `max_new_tokens` to what still fits (told on stderr)."""
+    if prompt_length >= block_size:
+        raise UserError(
+            f"the prompt has {prompt_length} tokens but the model's context is {block_size}: shorten the prompt"
+        )
+    if prompt_length + max_new_tokens > block_size:
+        fitting = block_size - prompt_length
+        print(f"--max_new_tokens {max_new_tokens} does not fit the context; generating {fitting}", file=sys.stderr)
+        return fitting
+    return max_new_tokens
+
+
+def stream_text(
+    tokens: Iterable[int], tokenizer, context_ids: Iterable[int] = (), out: TextIO = sys.stdout
+) -> list[int]:
+    """Print the text of `tokens` to `out` as they arrive; return all the token ids (a final stop token included,
+    though it is not printed).
+
+    Decoding token by token would lose SentencePiece's word-boundary spaces and split multi-byte characters,
+    so the growing sequence (after `context_ids`, usually the prompt) is decoded and only the new suffix printed;
+    an incomplete UTF-8 character (decoded as U+FFFD) waits for the token that completes it.
+    """
+    context_ids = list(context_ids)
+    stop_ids = set(tokenizer.stop_ids) | {tokenizer.eos_id}
+    tokens_seen: list[int] = []
+    text_ids: list[int] = []
+    printed = tokenizer.decode(context_ids)
+    for token in tokens:
+        tokens_seen.append(token)
+        if token in stop_ids:
+            continue
+        text_ids.append(token)
+        text = tokenizer.decode(context_ids + text_ids)
+        if not text.endswith("\ufffd"):
+            out.write(text[len(printed) :])
+            out.flush()
+            printed = text
+    text = tokenizer.decode(context_ids + text_ids)
+    out.write(text[len(printed) :])
+    out.flush()
+    return tokens_seen
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports kilobytes
+
+
+def print_stats(num_tokens: int, seconds: float, device: torch.device, out: TextIO = sys.stderr) -> None:
+    """`Time for inference: X sec total, Y tokens/sec` and the peak memory, on stderr."""
+    print(f"Time for inference: {seconds:.2f} sec total, {num_tokens / seconds:.2f} tokens/sec", file=out)
+    memory = "GPU memory allocated" if device.type == "cuda" else "process resident memory"
+    print(f"Peak {memory}: {peak_memory_gb(device):.2f} GB", file=out)
+
+
+def generate_samples(
+    model: LLaMA,
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    runtime: Runtime,
+    num_samples: int = 1,
+    max_new_tokens: int = 50,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    top_p: float = 1.0,
+    prefix: str = "",
+    out: TextIO = sys.stdout,
+) -> list[list[int]]:
+    """Generate `num_samples` continuations of `prompt_ids` and return their token ids. Each sample is written to
+    `out` as `prefix` (e.g. the prompt text) + the streamed text + a newline; timing and memory go to stderr."""
+    max_new_tokens = check_length(prompt_ids.size(0), max_new_tokens, model.config.block_size)
+    samples = []
+    for _ in range(num_samples):
+        out.write(prefix)
+        start = time.perf_counter()
+        with runtime.autocast():
+            tokens = generate(
+                model, prompt_ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, tokenizer.stop_ids
+            )
+            samples.append(stream_text(tokens, tokenizer, prompt_ids.tolist(), out))
+        print(file=out, flush=True)
+        print_stats(len(samples[-1]), time.perf_counter() - start, runtime.device)
+    return samples
