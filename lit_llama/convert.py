@@ -1,0 +1,171 @@
+"""What every checkpoint conversion shares: the Hugging Face <-> lit-llama weight names and configs, the RoPE
+layout change for Meta/GGUF weights, vocabulary padding, and writing a checkpoint directory."""
+import re
+import shutil
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from lit_llama.checkpoint import CHECKPOINT_NAME, atomic_path, check_shapes, save_config, save_torch
+from lit_llama.errors import UserError
+from lit_llama.model import LLaMA, Config
+from lit_llama.tokenizer import TOKENIZER_FILES
+
+# Module paths in both layouts; `{i}` is the layer index. Anything after the path (".weight", ".lora_A", ...) is kept.
+NAME_PAIRS = (
+    ("model.embed_tokens", "transformer.wte"),
+    ("model.layers.{i}.input_layernorm", "transformer.h.{i}.norm_1"),
+    ("model.layers.{i}.self_attn", "transformer.h.{i}.attn"),
+    ("model.layers.{i}.post_attention_layernorm", "transformer.h.{i}.norm_2"),
+    ("model.layers.{i}.mlp", "transformer.h.{i}.mlp"),
+    ("model.norm", "transformer.ln_f"),
+    ("lm_head", "lm_head"),
+)
+
+
+def _rename(name: str, source_index: int) -> str:
+    for pair in NAME_PAIRS:
+        source, target = pair[source_index], pair[1 - source_index]
+        pattern = re.escape(source).replace(r"\{i\}", r"(\d+)") + r"(?=\.|$)"
+        match = re.match(pattern, name)
+        if match:
+            if match.groups():
+                target = target.replace("{i}", match.group(1))
+            return target + name[match.end() :]
+    raise UserError(f"unexpected tensor name {name!r}: not part of a Llama model")
+
+
+def hf_to_lit_name(name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `transformer.h.3.attn.q_proj.weight`."""
+    return _rename(name, 0)
+
+
+def lit_to_hf_name(name: str) -> str:
+    """`transformer.h.3.attn.q_proj.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
+    return _rename(name, 1)
+
+
+def config_from_hf(hf_config: dict, name: str = "") -> Config:
+    """Our Config from a Hugging Face Llama `config.json` (transformers 4.x or 5.x spelling of RoPE settings)."""
+    model_type = hf_config.get("model_type", "llama")
+    if model_type not in ("llama", "mistral"):
+        raise UserError(f"config.json describes a {model_type!r} model; only Llama-family models convert")
+    if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
+        raise UserError("config.json asks for bias terms in attention/MLP, which this Llama model does not have")
+    n_embd, n_head = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    if hf_config.get("head_dim") not in (None, n_embd // n_head):
+        raise UserError(f"config.json head_dim {hf_config['head_dim']} differs from hidden_size / num_attention_heads")
+    # 5.x: rope_parameters {rope_type, rope_theta, ...}; 4.x: rope_theta and rope_scaling beside each other
+    rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    rope_base = rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "llama3":
+        rope_scaling = dict(
+            factor=rope["factor"], low_freq_factor=rope["low_freq_factor"], high_freq_factor=rope["high_freq_factor"],
+            original_max_seq_len=rope["original_max_position_embeddings"],
+        )
+    elif rope_type == "default":
+        rope_scaling = None
+    else:
+        raise UserError(f"config.json uses RoPE scaling {rope_type!r}; only 'default' and 'llama3' are supported")
+    return Config(
+        name=name,
+        block_size=hf_config.get("max_position_embeddings", 2048),
+        vocab_size=hf_config["vocab_size"],
+        n_layer=hf_config["num_hidden_layers"],
+        n_head=n_head,
+        n_query_groups=hf_config.get("num_key_value_heads") or n_head,
+        n_embd=n_embd,
+        intermediate_size=hf_config["intermediate_size"],
+        rope_base=float(rope_base),
+        rope_scaling=rope_scaling,
+        norm_eps=hf_config.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+    )
+
+
+def config_to_hf(config: Config) -> dict:
+    """A `config.json` for `transformers.LlamaForCausalLM`, loadable by transformers 4.x and 5.x alike."""
+    rope_parameters = {"rope_type": "default", "rope_theta": config.rope_base}
+    rope_scaling = None
+    if config.rope_scaling:
+        s = config.rope_scaling
+        rope_scaling = {
+            "rope_type": "llama3", "factor": s["factor"], "low_freq_factor": s["low_freq_factor"],
+            "high_freq_factor": s["high_freq_factor"], "original_max_position_embeddings": s["original_max_seq_len"],
+        }
+        rope_parameters = {**rope_scaling, "rope_theta": config.rope_base}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_query_groups,
+        "head_dim": config.head_size,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "rope_parameters": rope_parameters,  # transformers 5.x
+        "rope_theta": config.rope_base,  # transformers 4.x
+        "rope_scaling": rope_scaling,  # transformers 4.x
+    }
+
+
+def interleaved_to_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q/k projection rows from Meta's interleaved RoPE pairs (0,1),(2,3).. to rotate-half (0,d/2),(1,d/2+1)..
+
+    Meta's checkpoints and GGUF files store q/k this way; within each head, even rows go first, then odd rows.
+    """
+    rows, cols = weight.shape
+    return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise UserError(f"--dtype {name!r} is not a floating point torch dtype (try bfloat16, float16, float32)")
+    return dtype
+
+
+def pad_vocab(weight: torch.Tensor, config: Config) -> torch.Tensor:
+    """Zero rows up to `padded_vocab_size`, which keeps the embedding/head matmuls on friendly sizes."""
+    missing = config.padded_vocab_size - weight.size(0)
+    if missing <= 0:
+        return weight
+    return torch.cat((weight, weight.new_zeros(missing, weight.size(1))))
+
+
+def write_checkpoint(state_dict: dict, config: Config, output_dir: Union[str, Path], source: str) -> Path:
+    """Pad the vocabulary, drop a tied head, check every shape against `config`, then save weights and config."""
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        if key in state_dict:
+            state_dict[key] = pad_vocab(state_dict[key], config)
+    if config.tie_embeddings:
+        state_dict.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        check_shapes(LLaMA(config), state_dict, source)
+    output_dir = Path(output_dir)
+    save_torch(state_dict, output_dir / CHECKPOINT_NAME)
+    save_config(config, output_dir)
+    return output_dir / CHECKPOINT_NAME
+
+
+def copy_tokenizer_files(source_dir: Union[str, Path], output_dir: Union[str, Path]) -> list[str]:
+    """Copy whichever tokenizer files `source_dir` has; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        source = Path(source_dir) / name
+        if source.is_file():
+            with atomic_path(Path(output_dir) / name) as tmp:
+                shutil.copyfile(source, tmp)
+            copied.append(name)
+    return copied
