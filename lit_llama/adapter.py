@@ -1,0 +1,101 @@
+"""LLaMA-Adapter (Zhang et al. 2023, https://arxiv.org/abs/2303.16199): a frozen model learns, in each of its top
+layers, a short prompt of `prompt_length` vectors that every token attends to, through a gate that starts at zero.
+
+    add_adapter(model, prompt_length=10, start_layer=2)
+    mark_only_adapter_as_trainable(model)
+
+In layer l >= start_layer, the prompt P (prompt_length x n_embd) goes through that layer's own k_proj and v_proj
+(no RoPE: the prompt has no position) and each query attends to it without a causal mask; that attention's output,
+times a per-head gate g, is added to the ordinary attention output before o_proj:
+
+    y = attention(q, k, v) + g * softmax(q P_k^T / sqrt(hs)) P_v
+
+This is the paper's zero-init attention (the two softmaxes are separate, the prompt's is gated by g, which starts
+at zero so finetuning starts exactly at the base model). g multiplies directly, as in the paper's equation and
+lit-llama; the authors' released code passes it through tanh first, which only differs once |g| grows.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_llama.errors import UserError
+from lit_llama.model import CausalSelfAttention, Config, LLaMA
+
+
+class AdapterAttention(CausalSelfAttention):
+    def __init__(self, config: Config, prompt_length: int) -> None:
+        super().__init__(config)
+        self.adapter_wte = nn.Embedding(prompt_length, config.n_embd)
+        self.adapter_gate = nn.Parameter(torch.zeros(config.n_head))
+
+    def reset_adapter_parameters(self) -> None:
+        """(Re)create the prompt and gate beside the layer's weights (materialising them after a meta-device build):
+        the prompt N(0, 1) like an nn.Embedding (as the authors' and PEFT's code), the gate zero."""
+        like = dict(device=self.q_proj.weight.device, dtype=self.q_proj.weight.dtype)
+        self.adapter_wte = nn.Embedding(self.adapter_wte.num_embeddings, self.config.n_embd, **like)
+        self.adapter_gate = nn.Parameter(torch.zeros(self.config.n_head, **like))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos=None) -> torch.Tensor:
+        q, k, v = self.project_qkv(x, cos, sin)
+        y = self.attend(q, k, v, input_pos) + self.attend_to_prompt(q)
+        return self.o_proj(y)
+
+    def attend_to_prompt(self, q: torch.Tensor) -> torch.Tensor:
+        """Gated attention of queries (B, n_head, T, hs) to the prompt: (B, T, C). The prompt's keys and values are
+        recomputed on every call (prompt_length rows: cheap) and never enter the KV cache."""
+        B, _, T, hs = q.shape
+        prompt = self.adapter_wte.weight
+        k = self.k_proj(prompt).view(1, -1, self.config.n_query_groups, hs).transpose(1, 2).expand(B, -1, -1, -1)
+        v = self.v_proj(prompt).view(1, -1, self.config.n_query_groups, hs).transpose(1, 2).expand(B, -1, -1, -1)
+        gqa = self.config.n_query_groups != self.config.n_head
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), enable_gqa=gqa)
+        y = y * self.adapter_gate.to(y.dtype).view(1, -1, 1, 1)
+        return y.transpose(1, 2).reshape(B, T, -1)
+
+
+def adapter_config(prompt_length: int = 10, start_layer: int = 2) -> dict:
+    """The record of an adapter setup that finetune_config.json keeps (and `add_adapter(model, **record)` accepts)."""
+    if prompt_length < 1:
+        raise UserError(f"adapter prompt_length must be at least 1, got {prompt_length}")
+    if start_layer < 0:
+        raise UserError(f"adapter start_layer must be 0 or more, got {start_layer}")
+    return {"prompt_length": prompt_length, "start_layer": start_layer}
+
+
+def add_adapter(model: LLaMA, prompt_length: int = 10, start_layer: int = 2) -> LLaMA:
+    """Give layers start_layer.. an adapter prompt, in place, keeping their weights (real or meta).
+
+    On a meta-device model the prompt and gate stay on meta: load the base weights, then `init_adapter_weights`.
+    """
+    adapter_config(prompt_length, start_layer)
+    if start_layer >= model.config.n_layer:
+        raise UserError(
+            f"adapter start_layer {start_layer} leaves no layer to adapt: the model has {model.config.n_layer}"
+        )
+    for block in model.transformer.h[start_layer:]:
+        if isinstance(block.attn, AdapterAttention):
+            continue
+        with torch.device("meta"):  # its own projections are placeholders, replaced by the existing ones
+            attn = AdapterAttention(model.config, prompt_length)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "kv_cache"):
+            setattr(attn, name, getattr(block.attn, name))
+        if not attn.q_proj.weight.is_meta:
+            attn.reset_adapter_parameters()
+        block.attn = attn
+    return model
+
+
+def init_adapter_weights(model: nn.Module) -> None:
+    """Fresh prompts and zero gates in every adapter layer, on its weights' device and dtype."""
+    for module in model.modules():
+        if isinstance(module, AdapterAttention):
+            module.reset_adapter_parameters()
+
+
+def is_adapter_parameter(name: str) -> bool:
+    return name.endswith(("adapter_wte.weight", "adapter_gate"))
+
+
+def mark_only_adapter_as_trainable(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad = is_adapter_parameter(name)

@@ -1,0 +1,83 @@
+"""LLaMA-Adapter V2 (Gao et al. 2023, https://arxiv.org/abs/2304.15010) for text: the v1 adapter prompts plus
+"bias tuning": every linear layer learns a per-output scale s and bias b, y = s * (W x + b), starting at s = 1,
+b = 0; the RMSNorm weights are trained too.
+
+    add_adapter_v2(model, prompt_length=10, start_layer=2)
+    mark_only_adapter_v2_as_trainable(model)
+
+A tied output head (tie_embeddings) is the embedding matrix, not a linear layer, so it gets no scale and bias.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_llama.adapter import add_adapter, init_adapter_weights, is_adapter_parameter
+from lit_llama.model import LLaMA, RMSNorm
+
+
+class AdapterV2Linear(nn.Linear):
+    """nn.Linear with a learned per-output scale and bias; the frozen weight keeps its name (`...q_proj.weight`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.adapter_bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        self.adapter_scale = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))
+
+    def reset_adapter_parameters(self) -> None:
+        like = dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.adapter_bias = nn.Parameter(torch.zeros(self.out_features, **like))
+        self.adapter_scale = nn.Parameter(torch.ones(self.out_features, **like))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.adapter_bias if self.bias is None else self.bias + self.adapter_bias
+        return F.linear(x, self.weight, bias) * self.adapter_scale  # the bias rides in the matmul kernel
+
+    def merged(self) -> nn.Linear:
+        """The same function as a plain nn.Linear with bias: rows of W scaled by s, bias s * b (computed in fp32)."""
+        with torch.device("meta"):
+            linear = nn.Linear(self.in_features, self.out_features, bias=True)
+        scale = self.adapter_scale.float()
+        bias = self.adapter_bias.float() + (0 if self.bias is None else self.bias.float())
+        with torch.no_grad():
+            linear.weight = nn.Parameter((self.weight.float() * scale[:, None]).to(self.weight.dtype))
+            linear.bias = nn.Parameter((bias * scale).to(self.weight.dtype))
+        return linear
+
+
+def add_adapter_v2(model: LLaMA, prompt_length: int = 10, start_layer: int = 2) -> LLaMA:
+    """The v1 adapter prompts, then every nn.Linear made an `AdapterV2Linear`, in place. On a meta-device model
+    the new tensors stay on meta: load the base weights, then `init_adapter_v2_weights`."""
+    add_adapter(model, prompt_length, start_layer)
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        with torch.device("meta"):
+            linear = AdapterV2Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear.weight, linear.bias = module.weight, module.bias
+        if not module.weight.is_meta:
+            linear.reset_adapter_parameters()
+        model.set_submodule(name, linear)
+    return model
+
+
+def init_adapter_v2_weights(model: nn.Module) -> None:
+    init_adapter_weights(model)
+    for module in model.modules():
+        if isinstance(module, AdapterV2Linear):
+            module.reset_adapter_parameters()
+
+
+def mark_only_adapter_v2_as_trainable(model: nn.Module) -> None:
+    norm_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, RMSNorm)}
+    for name, param in model.named_parameters():
+        param.requires_grad = is_adapter_parameter(name) or name.endswith(("adapter_scale", "adapter_bias")) or (
+            name in norm_weights
+        )
+
+
+def merge_adapter_v2_linears(model: nn.Module) -> nn.Module:
+    """For inference: fold each scale and bias into its layer (one matmul with bias, no extra elementwise pass)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AdapterV2Linear):
+            model.set_submodule(name, module.merged())
+    return model
