@@ -134,7 +134,9 @@ def check_fits(model: nn.Module, finetuned: dict, finetuned_path: Path, base_pat
     """The finetuned tensors must be exactly the ones the method adds (plus any base tensors it trains, as
     adapter v2's norms), with matching shapes; otherwise they belong to another base or another setup."""
     expected = model.state_dict()
-    added = [k for k in expected if k not in base_keys(model)]
+    with torch.device("meta"):
+        base_keys = set(LLaMA(model.config).state_dict())
+    added = [k for k in expected if k not in base_keys]
     missing = [k for k in added if k not in finetuned]
     unexpected = [k for k in finetuned if k not in expected]
     if missing or unexpected:
@@ -148,11 +150,6 @@ def check_fits(model: nn.Module, finetuned: dict, finetuned_path: Path, base_pat
                 f"{finetuned_path} does not fit base {base_path}: {key} has shape {tuple(tensor.shape)}, "
                 f"the base needs {tuple(expected[key].shape)} (was it trained on a different base model?)"
             )
-
-
-def base_keys(model: nn.Module) -> set:
-    with torch.device("meta"):
-        return set(LLaMA(model.config).state_dict())
 
 
 def load_finetuned(

@@ -1,0 +1,47 @@
+"""Tiny base checkpoints and finetuned weights saved the way finetune/*.py saves them, for the LoRA, adapter and
+PEFT-export tests."""
+from pathlib import Path
+
+import torch
+
+from lit_llama.checkpoint import CHECKPOINT_NAME, save_config, save_json, save_torch
+from lit_llama.finetuned import FINETUNE_CONFIG_NAME, finetune_config
+from lit_llama.model import LLaMA, Config
+from lit_llama.tokenizer import Tokenizer
+from tiny_tokenizers import make_byte_level_bpe
+
+
+def make_base(directory: Path, name: str = "tiny", seed: int = 0) -> Path:
+    """A randomly initialised checkpoint directory with a tiny byte-level tokenizer; returns its lit-llama.pth.
+    The context is long enough for an Alpaca prompt in that tokenizer."""
+    make_byte_level_bpe(directory)
+    config = Config.from_name(name, vocab_size=Tokenizer(directory).vocab_size, block_size=512)
+    torch.manual_seed(seed)
+    save_torch(LLaMA(config).state_dict(), directory / CHECKPOINT_NAME)
+    save_config(config, directory)
+    return directory / CHECKPOINT_NAME
+
+
+def load_base(base_path: Path) -> LLaMA:
+    from lit_llama.checkpoint import load
+
+    return load(base_path)[0]
+
+
+def randomise_trainable(model: torch.nn.Module, std: float = 0.05) -> None:
+    """Non-trivial finetuned values (B != 0, gates != 0, ...) so equivalence checks test something."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * std)
+
+
+def save_finetuned(model: LLaMA, method: str, directory: Path, base_path: Path, **options) -> Path:
+    """The trainable tensors (everything for "full") and finetune_config.json, as the training loop writes them."""
+    weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    path = directory / f"lit-llama-{method}-finetuned.pth"
+    save_torch(weights, path)
+    identity = Tokenizer(base_path.parent).identity
+    record = finetune_config(method, model.config, "alpaca", identity, base_path, **options)
+    save_json(record, directory / FINETUNE_CONFIG_NAME)
+    return path
