@@ -1,0 +1,262 @@
+"""Instruction datasets, from a JSON/JSONL/CSV file of (instruction, input, output) records to token tensors.
+
+A prepared dataset directory holds:
+  train.pt, test.pt  lists of {"input_ids", "labels"} (1-D long tensors): [BOS] prompt response EOS, with the labels
+                     of the prompt set to -100 when inputs are masked, so the loss only covers the response
+  test.json          the raw held-out records in the order of test.pt (evaluation generates from them)
+  meta.json          tokenizer identity, prompt style, sizes and the other settings used
+The `scripts/prepare_*.py` scripts only fetch their source and call `prepare`; everything else lives here.
+"""
+import csv
+import io
+import json
+import random
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from tqdm import tqdm
+
+from lit_llama.checkpoint import atomic_path, load_torch, save_json, save_torch
+from lit_llama.errors import UserError
+from lit_llama.prompts import PromptStyle
+from lit_llama.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100  # the label value cross-entropy skips
+
+
+def load_tokenizer(checkpoint_dir: Path, tokenizer_path: Optional[Path] = None) -> Tokenizer:
+    """`--tokenizer_path` (a file) wins over the tokenizer found inside `--checkpoint_dir`."""
+    if tokenizer_path is not None:
+        return Tokenizer(tokenizer_path)
+    if not Path(checkpoint_dir).is_dir():
+        raise UserError(f"checkpoint directory not found: {checkpoint_dir} (pass --checkpoint_dir or --tokenizer_path)")
+    return Tokenizer(checkpoint_dir)
+
+
+def download(url: str, path: Path) -> None:
+    """Fetch `url` into `path` unless it is already there; a failed download leaves nothing behind."""
+    if path.is_file():
+        return
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_path(path) as tmp, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm.wrapattr(f, "write", total=total, desc=f"downloading {path.name}") as out:
+                shutil.copyfileobj(response, out)
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise UserError(
+            f"cannot download {url} ({reason}); without network, fetch it elsewhere and pass --data_file with the local copy"
+        ) from None
+
+
+def load_records(
+    path: Union[str, Path],
+    instruction_field: str = "instruction",
+    input_field: str = "input",
+    output_field: str = "output",
+    task_field: str = "task",
+) -> list[dict]:
+    """Read a JSON list, JSON Lines or CSV file into records {"instruction", "input", "output"[, "task"]}.
+    `input` and `task` are optional per record (a missing input becomes "")."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: tolerate the byte-order mark spreadsheets write
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (invalid byte at offset {error.start})") from None
+
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        rows = parse_json(text, path)
+    elif suffix == ".jsonl":
+        rows = parse_jsonl(text, path)
+    elif suffix == ".csv":
+        rows = parse_csv(text, path)
+    else:
+        raise UserError(f"{path}: unsupported file type {suffix or '(none)'!r}, expected .json, .jsonl or .csv")
+    if not rows:
+        raise UserError(f"{path} holds no records")
+    fields = {"instruction": instruction_field, "input": input_field, "output": output_field, "task": task_field}
+    return [to_record(row, number, path, fields) for number, row in enumerate(rows, 1)]
+
+
+def parse_json(text: str, path: Path) -> list:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # one object per line, saved with a .json name
+            return parse_jsonl(text, path)
+        raise UserError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, expected a list of records")
+    return data
+
+
+def parse_jsonl(text: str, path: Path) -> list:
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path}, line {line_number} is not valid JSON: {error.msg}") from None
+    return rows
+
+
+def parse_csv(text: str, path: Path) -> list:
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as error:
+        raise UserError(f"{path} is not valid CSV: {error}") from None
+
+
+def to_record(row, number: int, path: Path, fields: dict) -> dict:
+    where = f"{path}, record {number}"
+    if not isinstance(row, dict):
+        raise UserError(f"{where} is a {type(row).__name__}, expected an object with fields {', '.join(fields.values())}")
+    record = {}
+    for key, field in fields.items():
+        value = row.get(field)
+        if value is None:
+            if key in ("instruction", "output"):
+                raise UserError(f"{where} has no {field!r} field (it has: {', '.join(map(str, row)) or 'nothing'})")
+            if key == "task":
+                continue
+            value = ""
+        if not isinstance(value, str):
+            raise UserError(f"{where}: field {field!r} is a {type(value).__name__}, expected a string")
+        record[key] = value
+    return record
+
+
+def split_records(records: list, test_size: int, seed: int, source: str) -> tuple[list, list]:
+    """A seeded shuffle; the first `test_size` records are held out. Depends only on the records and the seed."""
+    if not 0 <= test_size < len(records):
+        raise UserError(f"--test_split_size {test_size} must be below the number of records in {source} ({len(records)})")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return [records[i] for i in order[test_size:]], [records[i] for i in order[:test_size]]
+
+
+def tokenize(
+    records: list[dict], tokenizer: Tokenizer, style: PromptStyle, max_seq_length: int, mask_inputs: bool,
+    chunk_size: int = 4096,
+) -> tuple[list[dict], list[bool]]:
+    """Samples for `records`, and for each whether it had to be truncated.
+
+    Prompt and response are tokenized separately and concatenated: the label boundary is then exact even for BPE
+    tokenizers that would merge across it, and the prompt ids are those the model will see at generation time.
+    """
+    samples, truncated = [], []
+    with tqdm(total=len(records), desc="tokenizing", unit=" records") as progress:
+        for start in range(0, len(records), chunk_size):
+            chunk = records[start : start + chunk_size]
+            prompts = tokenizer.encode_batch([style.apply(r["instruction"], r["input"]) for r in chunk])
+            responses = tokenizer.encode_batch([r["output"] for r in chunk], bos=False, eos=True)
+            for prompt, response in zip(prompts, responses):
+                ids = prompt + response
+                truncated.append(len(ids) > max_seq_length)
+                if truncated[-1]:
+                    ids = ids[: max_seq_length - 1] + ids[-1:]  # keep the EOS: the model must learn to stop
+                input_ids = torch.tensor(ids, dtype=torch.long)
+                labels = input_ids.clone()
+                if mask_inputs:
+                    labels[: len(prompt)] = IGNORE_INDEX
+                samples.append({"input_ids": input_ids, "labels": labels})
+            progress.update(len(chunk))
+    return samples, truncated
+
+
+def prepare(
+    records: list[dict],
+    destination_path: Path,
+    tokenizer: Tokenizer,
+    source: str,
+    test_split_size: int,
+    max_seq_length: int,
+    seed: int,
+    mask_inputs: bool,
+    prompt_style: str,
+    skip_long: bool,
+) -> dict:
+    """Split, tokenize and write `records` into `destination_path`; returns the meta.json content."""
+    style = PromptStyle.from_name(prompt_style)
+    if max_seq_length < 2:
+        raise UserError(f"--max_seq_length {max_seq_length} is too small: a sample needs at least a prompt token and EOS")
+    if tokenizer.eos_id is None:
+        raise UserError(f"tokenizer {tokenizer.path} defines no EOS token, so responses cannot be terminated")
+    train, test = split_records(records, test_split_size, seed, source)
+    samples, truncated = tokenize(train + test, tokenizer, style, max_seq_length, mask_inputs)
+    train_samples, test_samples = samples[: len(train)], samples[len(train) :]
+    if skip_long:
+        train_samples = [s for s, long in zip(train_samples, truncated) if not long]
+        kept = [i for i, long in enumerate(truncated[len(train) :]) if not long]
+        test, test_samples = [test[i] for i in kept], [test_samples[i] for i in kept]
+
+    meta = {
+        "tokenizer": tokenizer.identity,
+        "prompt_style": style.name,
+        "max_seq_length": max_seq_length,
+        "mask_inputs": mask_inputs,
+        "train_size": len(train_samples),
+        "test_size": len(test_samples),
+        "truncated": 0 if skip_long else sum(truncated),
+        "skipped": sum(truncated) if skip_long else 0,
+        "source": source,
+    }
+    write_all(
+        destination_path,
+        [("train.pt", train_samples), ("test.pt", test_samples), ("test.json", test), ("meta.json", meta)],
+    )
+    long_note = f"skipped {meta['skipped']}" if skip_long else f"truncated {meta['truncated']}"
+    print(
+        f"{meta['train_size']} train and {meta['test_size']} test samples in {destination_path} "
+        f"({long_note} of {len(records)} records longer than {max_seq_length} tokens)"
+    )
+    return meta
+
+
+def write_all(directory: Path, files: list[tuple[str, object]]) -> None:
+    """Write each file atomically, meta.json last; if one fails, remove those this call already wrote."""
+    written = []
+    try:
+        for name, obj in files:
+            path = Path(directory) / name
+            if name.endswith(".json"):
+                save_json(obj, path)
+            else:
+                save_torch(obj, path)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def load_prepared(data_dir: Union[str, Path]) -> tuple[list[dict], list[dict], dict]:
+    """(train samples, test samples, meta) of a directory written by `prepare`."""
+    data_dir = Path(data_dir)
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise UserError(f"{data_dir} holds no prepared dataset (no meta.json): run a scripts/prepare_*.py script first")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{meta_path} is not valid JSON: {error}") from None
+    return load_torch(data_dir / "train.pt"), load_torch(data_dir / "test.pt"), meta
+
+
+def check_tokenizer(meta: dict, tokenizer: Tokenizer, data_dir: Union[str, Path]) -> None:
+    """Token ids only mean something to the tokenizer that produced them."""
+    prepared, current = meta.get("tokenizer", {}), tokenizer.identity
+    if prepared.get("sha256") != current["sha256"]:
+        raise UserError(
+            f"{data_dir} was prepared with a different tokenizer ({prepared.get('backend')}, "
+            f"vocab {prepared.get('vocab_size')}) than {tokenizer.path} ({current['backend']}, vocab "
+            f"{current['vocab_size']}): prepare it again with this model's --checkpoint_dir"
+        )

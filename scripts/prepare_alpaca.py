@@ -1,0 +1,49 @@
+"""Prepare the cleaned Alpaca instruction dataset (52k records) for finetuning."""
+from pathlib import Path
+from typing import Optional
+
+from lit_llama.cli import run_cli
+from lit_llama.data import download, load_records, load_tokenizer, prepare
+
+DATA_URL = "https://raw.githubusercontent.com/tloen/alpaca-lora/main/alpaca_data_cleaned_archive.json"
+
+
+def main(
+    destination_path: Path = Path("data/alpaca"),
+    checkpoint_dir: Path = Path("checkpoints/smollm2-135m-instruct"),
+    tokenizer_path: Optional[Path] = None,
+    data_file: Optional[Path] = None,
+    test_split_size: int = 2000,
+    max_seq_length: int = 256,
+    seed: int = 42,
+    mask_inputs: bool = True,
+    prompt_style: str = "alpaca",
+    skip_long: bool = False,
+) -> None:
+    """Download (unless --data_file is given), split and tokenize Alpaca into train.pt, test.pt, test.json, meta.json.
+
+    Args:
+        destination_path: Directory for the prepared files (and the downloaded JSON).
+        checkpoint_dir: Checkpoint whose tokenizer to use.
+        tokenizer_path: A tokenizer.model or tokenizer.json to use instead of the checkpoint's.
+        data_file: A local copy of the Alpaca JSON; skips the download.
+        test_split_size: Number of records held out for evaluation.
+        max_seq_length: Samples longer than this (in tokens) are truncated, keeping their EOS.
+        seed: Seed of the train/test split.
+        mask_inputs: Compute the loss on the response only (prompt labels set to -100).
+        prompt_style: Prompt template: "alpaca", "chatml" or one you registered in lit_llama/prompts.py.
+        skip_long: Drop samples longer than max_seq_length instead of truncating them.
+    """
+    tokenizer = load_tokenizer(checkpoint_dir, tokenizer_path)
+    if data_file is None:
+        data_file = destination_path / DATA_URL.rsplit("/", 1)[-1]
+        download(DATA_URL, data_file)
+    records = load_records(data_file)
+    prepare(
+        records, destination_path, tokenizer, str(data_file), test_split_size, max_seq_length, seed, mask_inputs,
+        prompt_style, skip_long,
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)
