@@ -44,7 +44,7 @@ class AdapterAttention(CausalSelfAttention):
         """Gated attention of queries (B, n_head, T, hs) to the prompt: (B, T, C). The prompt's keys and values are
         recomputed on every call (prompt_length rows: cheap) and never enter the KV cache."""
         B, _, T, hs = q.shape
-        prompt = self.adapter_wte.weight
+        prompt = self.adapter_wte.weight.to(self.k_proj.weight.dtype)  # the prompt may train in fp32, k_proj bf16
         k = self.k_proj(prompt).view(1, -1, self.config.n_query_groups, hs).transpose(1, 2).expand(B, -1, -1, -1)
         v = self.v_proj(prompt).view(1, -1, self.config.n_query_groups, hs).transpose(1, 2).expand(B, -1, -1, -1)
         gqa = self.config.n_query_groups != self.config.n_head

@@ -30,7 +30,9 @@ class AdapterV2Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.adapter_bias if self.bias is None else self.bias + self.adapter_bias
-        return F.linear(x, self.weight, bias) * self.adapter_scale  # the bias rides in the matmul kernel
+        # the bias rides in the matmul kernel; scale and bias may train in fp32 beside a bf16 weight
+        y = F.linear(x, self.weight, bias.to(self.weight.dtype))
+        return y * self.adapter_scale.to(y.dtype)
 
     def merged(self) -> nn.Linear:
         """The same function as a plain nn.Linear with bias: rows of W scaled by s, bias s * b (computed in fp32)."""

@@ -53,11 +53,12 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
+        x = x.to(self.lora_A.dtype)  # the frozen weight may be bf16 while A and B train in fp32
         if self.dropout > 0:
             x = F.dropout(x, self.dropout, self.training)
         # (x A^T) is only r wide: scaling it there is cheaper than scaling the out-wide result, and W + B A is never
         # formed, so training memory grows by r * (in + out) per layer rather than by a second weight matrix
-        return y + F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+        return y + F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B).to(y.dtype)
 
     def merged_weight(self) -> torch.Tensor:
         """W + B A * scaling, computed in fp32 so a bf16 weight is rounded once, not twice."""
