@@ -13,9 +13,12 @@ from tiny_tokenizers import make_byte_level_bpe
 
 def make_base(directory: Path, name: str = "tiny", seed: int = 0) -> Path:
     """A randomly initialised checkpoint directory with a tiny byte-level tokenizer; returns its lit-llama.pth.
-    The context is long enough for an Alpaca prompt in that tokenizer."""
+    The context is long enough for an Alpaca prompt in that tokenizer. "tiny-gqa-untied": GQA with an lm_head."""
     make_byte_level_bpe(directory)
-    config = Config.from_name(name, vocab_size=Tokenizer(directory).vocab_size, block_size=512)
+    overrides = dict(vocab_size=Tokenizer(directory).vocab_size, block_size=512)
+    if name == "tiny-gqa-untied":
+        name, overrides["tie_embeddings"] = "tiny-gqa", False
+    config = Config.from_name(name, **overrides)
     torch.manual_seed(seed)
     save_torch(LLaMA(config).state_dict(), directory / CHECKPOINT_NAME)
     save_config(config, directory)
