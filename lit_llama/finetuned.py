@@ -64,17 +64,6 @@ def apply_method(model: LLaMA, record: dict) -> LLaMA:
     return model
 
 
-def init_method_weights(model: nn.Module, method: str) -> None:
-    """Initialise (and materialise, after a meta-device build and a base-weight load) the method's new tensors."""
-    init = {
-        "lora": lora.init_lora_weights,
-        "adapter": adapter.init_adapter_weights,
-        "adapter_v2": adapter_v2.init_adapter_v2_weights,
-    }.get(method)
-    if init is not None:
-        init(model)
-
-
 def mark_trainable(model: nn.Module, method: str) -> None:
     """requires_grad on exactly what `method` trains; the trainable state dict is then
     `{name: p for name, p in model.named_parameters() if p.requires_grad}`."""
