@@ -1,0 +1,43 @@
+"""LoRA training throughput of Hugging Face transformers + PEFT, the way their docs train: LlamaForCausalLM in bf16,
+`peft.get_peft_model` with a LoraConfig on q_proj/v_proj, and the plain loop Trainer runs (forward, loss, backward,
+AdamW step). Run with the peers' venv; benchmarks/lora_training.py calls it.
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import IGNORE_INDEX, measure, runner_arguments  # noqa: E402
+
+
+def main() -> None:
+    args = runner_arguments(__doc__)
+    model = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    lora = LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=["q_proj", "v_proj"],
+        task_type="CAUSAL_LM",
+    )
+    # PEFT upcasts adapters to fp32 by default; keep them bf16 like the other tools' bf16-true runs
+    model = get_peft_model(model, lora, autocast_adapter_dtype=False)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+
+    def train_step(inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        logits = model(input_ids=inputs, use_cache=False).logits
+        # what transformers' causal-LM loss does: upcast logits, mean over non-ignored targets
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    measure("hf+peft", train_step, args, trainable_parameters=trainable)
+
+
+if __name__ == "__main__":
+    main()
