@@ -14,6 +14,7 @@ import random
 import shutil
 import urllib.error
 import urllib.request
+from itertools import chain
 from pathlib import Path
 from typing import Optional, Union
 
@@ -151,6 +152,8 @@ def tokenize(
 
     Prompt and response are tokenized separately and concatenated: the label boundary is then exact even for BPE
     tokenizers that would merge across it, and the prompt ids are those the model will see at generation time.
+    The samples of a chunk are views into one tensor, so saving and loading handle a few large storages, not two
+    small ones per sample.
     """
     samples, truncated = [], []
     with tqdm(total=len(records), desc="tokenizing", unit=" records") as progress:
@@ -158,16 +161,19 @@ def tokenize(
             chunk = records[start : start + chunk_size]
             prompts = tokenizer.encode_batch([style.apply(r["instruction"], r["input"]) for r in chunk])
             responses = tokenizer.encode_batch([r["output"] for r in chunk], bos=False, eos=True)
+            all_ids, all_labels = [], []
             for prompt, response in zip(prompts, responses):
                 ids = prompt + response
+                labels = [IGNORE_INDEX] * len(prompt) + response if mask_inputs else ids
                 truncated.append(len(ids) > max_seq_length)
-                if truncated[-1]:
-                    ids = ids[: max_seq_length - 1] + ids[-1:]  # keep the EOS: the model must learn to stop
-                input_ids = torch.tensor(ids, dtype=torch.long)
-                labels = input_ids.clone()
-                if mask_inputs:
-                    labels[: len(prompt)] = IGNORE_INDEX
-                samples.append({"input_ids": input_ids, "labels": labels})
+                if truncated[-1]:  # keep the EOS: the model must still learn to stop
+                    ids, labels = ids[: max_seq_length - 1] + ids[-1:], labels[: max_seq_length - 1] + labels[-1:]
+                all_ids.append(ids)
+                all_labels.append(labels)
+            lengths = [len(ids) for ids in all_ids]
+            input_ids = torch.tensor(list(chain.from_iterable(all_ids)), dtype=torch.long).split(lengths)
+            labels = torch.tensor(list(chain.from_iterable(all_labels)), dtype=torch.long).split(lengths)
+            samples += [{"input_ids": i, "labels": l} for i, l in zip(input_ids, labels)]
             progress.update(len(chunk))
     return samples, truncated
 
@@ -191,11 +197,13 @@ def prepare(
     if tokenizer.eos_id is None:
         raise UserError(f"tokenizer {tokenizer.path} defines no EOS token, so responses cannot be terminated")
     train, test = split_records(records, test_split_size, seed, source)
-    samples, truncated = tokenize(train + test, tokenizer, style, max_seq_length, mask_inputs)
-    train_samples, test_samples = samples[: len(train)], samples[len(train) :]
+    # separately, so that test.pt holds no storage shared with training samples
+    train_samples, train_long = tokenize(train, tokenizer, style, max_seq_length, mask_inputs)
+    test_samples, test_long = tokenize(test, tokenizer, style, max_seq_length, mask_inputs)
+    truncated = train_long + test_long
     if skip_long:
-        train_samples = [s for s, long in zip(train_samples, truncated) if not long]
-        kept = [i for i, long in enumerate(truncated[len(train) :]) if not long]
+        train_samples = [s for s, long in zip(train_samples, train_long) if not long]
+        kept = [i for i, long in enumerate(test_long) if not long]
         test, test_samples = [test[i] for i in kept], [test_samples[i] for i in kept]
 
     meta = {

@@ -94,6 +94,8 @@ def test_prepare_alpaca_script_sentencepiece(tmp_path, sp_dir, script):
     assert_masked_over_prompt(test, test_records, tokenizer, PromptStyle.from_name("alpaca"))
     assert sorted(r["output"] for r in test_records) != sorted(r["output"] for r in ALPACA[:6])  # shuffled
     check_tokenizer(meta, tokenizer, out)
+    # test.pt holds the held-out tokens only, not storage shared with the training samples
+    assert test[0]["input_ids"].untyped_storage().nbytes() == 8 * sum(len(s["input_ids"]) for s in test)
 
 
 def test_prepare_dolly_script_bpe_from_checkpoint_dir(tmp_path, bpe_dir, script):
