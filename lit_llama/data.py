@@ -123,14 +123,15 @@ def to_record(row, number: int, path: Path, fields: dict) -> dict:
     record = {}
     for key, field in fields.items():
         value = row.get(field)
-        if value is None:
-            if key in ("instruction", "output"):
-                raise UserError(f"{where} has no {field!r} field (it has: {', '.join(map(str, row)) or 'nothing'})")
-            if key == "task":
-                continue
-            value = ""
+        if value is None and key in ("input", "task"):  # optional: no input means an empty one
+            if key == "input":
+                record["input"] = ""
+            continue
+        if field not in row:
+            raise UserError(f"{where} has no {field!r} field (it has: {', '.join(map(str, row)) or 'nothing'})")
         if not isinstance(value, str):
-            raise UserError(f"{where}: field {field!r} is a {type(value).__name__}, expected a string")
+            kind = "null" if value is None else type(value).__name__
+            raise UserError(f"{where}: field {field!r} must be a string, not {kind}")
         record[key] = value
     return record
 
