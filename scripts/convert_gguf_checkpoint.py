@@ -39,7 +39,7 @@ GGUF_NAMES = {
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6  # llama.cpp token types
 
 
 def default_gguf_path() -> Path:
@@ -73,16 +73,11 @@ def rope_scaling_from_factors(config: Config, factors: torch.Tensor) -> dict:
     return scaling
 
 
-def build_tokenizer(meta: dict):
-    """A `tokenizers.Tokenizer` equivalent to the GGUF's byte-level BPE vocabulary."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+def byte_level_bpe(meta: dict):
+    """GPT-2 style: tokens are spelled in the byte alphabet, merges are listed, the pre-tokenizer splits words."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
-    if kind != "gpt2":
-        raise UserError(
-            f"the GGUF's tokenizer is {kind!r}; only byte-level BPE ('gpt2') tokenizers can be rebuilt. "
-            "Convert the original Hugging Face checkpoint with convert_hf_checkpoint.py instead"
-        )
+    pre = meta.get("tokenizer.ggml.pre", "default")
     tokens = meta["tokenizer.ggml.tokens"]
     merges = [tuple(merge.split(" ", 1)) for merge in meta["tokenizer.ggml.merges"]]
     tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
@@ -102,10 +97,57 @@ def build_tokenizer(meta: dict):
     else:
         raise UserError(f"the GGUF's pre-tokenizer {pre!r} is not supported (known: smollm, starcoder, gpt-2, llama-bpe)")
     tokenizer.decoder = decoders.ByteLevel()
-    # control tokens (<|im_start|>, ...) and user-defined ones must match whole, never be split into bytes
-    types = meta.get("tokenizer.ggml.token_type") or []
+    return tokenizer
+
+
+def sentencepiece_bpe(meta: dict):
+    """LLaMA 1/2 style SentencePiece BPE: spaces become "▁", unknown characters fall back to <0xNN> byte tokens.
+
+    The file has pieces and scores but no merges: SentencePiece merges the adjacent pair whose joined piece scores
+    highest, so every way of splitting a piece into two known pieces is a merge ranked by that piece's score.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    tokens, scores = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"]
+    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    ranked = []
+    for token, score, kind in zip(tokens, scores, types):
+        if kind != NORMAL:
+            continue
+        for split in range(1, len(token)):
+            left, right = token[:split], token[split:]
+            if left in vocab and right in vocab:
+                ranked.append((-score, vocab[left], vocab[right], left, right))
+    merges = [(left, right) for *_, left, right in sorted(ranked)]
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id", 0)
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unk_id], fuse_unk=True, byte_fallback=BYTE in types)
+    )
+    space = [normalizers.Replace(" ", "▁")]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):
+        space.insert(0, normalizers.Prepend("▁"))
+    tokenizer.normalizer = normalizers.Sequence(space)
+    strip = [decoders.Strip(" ", 1, 0)] if meta.get("tokenizer.ggml.add_space_prefix", True) else []
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    return tokenizer
+
+
+def build_tokenizer(meta: dict):
+    """A `tokenizers.Tokenizer` equivalent to the vocabulary the GGUF describes."""
+    from tokenizers import AddedToken
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind == "gpt2":
+        tokenizer = byte_level_bpe(meta)
+    elif kind == "llama":
+        tokenizer = sentencepiece_bpe(meta)
+    else:
+        raise UserError(f"the GGUF's tokenizer is {kind!r}; only 'gpt2' (byte-level BPE) and 'llama' can be rebuilt")
+    # control tokens (<|im_start|>, </s>, ...) and user-defined ones must match whole, never be split into pieces
+    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
     tokenizer.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == CONTROL]
+        [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind in (UNKNOWN, CONTROL)]
     )
     tokenizer.add_tokens(
         [AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types) if kind == USER_DEFINED]
@@ -122,7 +164,8 @@ def write_tokenizer(meta: dict, output_dir: Path, block_size: int) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None if token_ids["bos"] is None else tokens[token_ids["bos"]],
         "eos_token": None if token_ids["eos"] is None else tokens[token_ids["eos"]],
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        # llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")),
         "model_max_length": block_size,
     }
     if token_ids["padding"] is not None:

@@ -180,13 +180,24 @@ GGUF_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 GGUF_MERGES = ["h e", "l l", "he ll", "Ġ w", "o r"]
 
 
-def write_tiny_gguf(path: Path, model) -> None:
-    import gguf
+def byte_level_vocabulary(writer) -> None:
     from tokenizers import pre_tokenizers
 
-    c = model.config
     tokens = GGUF_SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()) + [m.replace(" ", "") for m in GGUF_MERGES]
-    assert len(tokens) == c.vocab_size
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * 3 + [1] * (len(tokens) - 3))
+    writer.add_token_merges(GGUF_MERGES)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(False)
+
+
+def write_tiny_gguf(path: Path, model, write_vocabulary=byte_level_vocabulary) -> None:
+    import gguf
+
+    c = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
@@ -197,14 +208,7 @@ def write_tiny_gguf(path: Path, model) -> None:
     writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3] * 3 + [1] * (len(tokens) - 3))
-    writer.add_token_merges(GGUF_MERGES)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_add_bos_token(False)
+    write_vocabulary(writer)
 
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -250,6 +254,44 @@ def test_gguf_weights_and_tokenizer(tmp_path):
     assert tokenizer.encode("hello world 12<|im_end|>").tolist() == expected
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.add_bos) == (1, 2, False)
     assert tokenizer.decode(tokenizer.encode("héllo wörld")) == "héllo wörld"
+
+
+def test_gguf_sentencepiece_vocabulary_encodes_like_sentencepiece(tmp_path):
+    """LLaMA 1/2 GGUFs carry SentencePiece pieces and scores but no merges; the rebuilt tokenizer must agree."""
+    import io
+
+    import sentencepiece
+    from lit_llama.tokenizer import Tokenizer
+
+    text = Path(__file__).resolve().parent.parent.joinpath("howto", "download_weights.md").read_text().splitlines()
+    proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(  # LLaMA's settings: BPE, byte fallback, no normalization
+        sentence_iterator=iter([line for line in text if line.strip()]), model_writer=proto, vocab_size=400,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, minloglevel=2,
+    )
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto.getvalue())
+
+    def sentencepiece_vocabulary(writer):
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+        writer.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
+        writer.add_token_types([
+            2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+            for i in range(sp.get_piece_size())
+        ])
+        writer.add_unk_token_id(sp.unk_id())
+        writer.add_bos_token_id(sp.bos_id())
+        writer.add_eos_token_id(sp.eos_id())
+
+    write_tiny_gguf(tmp_path / "spm.gguf", tiny_hf_model(vocab_size=sp.get_piece_size()), sentencepiece_vocabulary)
+    out = tmp_path / "out"
+    run_script("scripts/convert_gguf_checkpoint.py", "--gguf_path", tmp_path / "spm.gguf", "--output_dir", out, check=True)
+    tokenizer = Tokenizer(out)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.add_bos) == (sp.bos_id(), sp.eos_id(), True)
+    for line in text + ["  two  spaces", "naïve café — 東京 🚀", "x\ny\n\nz", " lead", "trail ", "123 4567"]:
+        assert tokenizer.encode(line, bos=False).tolist() == sp.encode(line), line
+        assert tokenizer.decode(tokenizer.encode(line, bos=False)) == sp.decode(sp.encode(line))
 
 
 def test_gguf_rejects_other_architectures(tmp_path):
