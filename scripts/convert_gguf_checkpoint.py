@@ -155,8 +155,8 @@ def build_tokenizer(meta: dict):
     return tokenizer
 
 
-def write_tokenizer(meta: dict, output_dir: Path, block_size: int) -> None:
-    tokenizer = build_tokenizer(meta)
+def write_tokenizer(tokenizer, meta: dict, output_dir: Path, block_size: int) -> None:
+    """tokenizer.json plus the files that say which tokens are BOS/EOS and whether to prepend BOS."""
     save_json(json.loads(tokenizer.to_str()), output_dir / "tokenizer.json")
     tokens = meta["tokenizer.ggml.tokens"]
     token_ids = {key: meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "padding")}
@@ -203,26 +203,30 @@ def main(
     if arch != "llama":
         raise UserError(f"{gguf_path} is a {arch!r} model; only the 'llama' architecture converts")
     tensors = {tensor.name: tensor for tensor in reader.tensors}
-    if meta.get("llama.rope.scaling.type", "none") not in ("none", "linear") or meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
-        raise UserError(f"{gguf_path} uses RoPE scaling {meta.get('llama.rope.scaling.type')!r}, which is not supported")
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    if scaling != "none" and meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
+        raise UserError(f"{gguf_path} uses RoPE scaling {scaling!r}, which is not supported")
 
-    n_head = meta["llama.attention.head_count"]
-    n_kv_heads = meta.get("llama.attention.head_count_kv", n_head)
-    vocab_size = meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"])
-    config = Config(
-        name=gguf_path.stem,
-        block_size=meta.get("llama.context_length", 2048),
-        vocab_size=vocab_size,
-        n_layer=meta["llama.block_count"],
-        n_head=n_head,
-        n_query_groups=n_kv_heads,
-        n_embd=meta["llama.embedding_length"],
-        intermediate_size=meta["llama.feed_forward_length"],
-        rope_base=float(meta.get("llama.rope.freq_base", 10000.0)),
-        # GGUF stores float32: 1e-5 arrives as 9.9999997e-06; keep the value the model was trained with
-        norm_eps=float(f"{meta.get('llama.attention.layer_norm_rms_epsilon', 1e-5):.7g}"),
-        tie_embeddings="output.weight" not in tensors,
-    )
+    try:
+        n_head = meta["llama.attention.head_count"]
+        n_kv_heads = meta.get("llama.attention.head_count_kv", n_head)
+        config = Config(
+            name=gguf_path.stem,
+            block_size=meta.get("llama.context_length", 2048),
+            vocab_size=meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+            n_layer=meta["llama.block_count"],
+            n_head=n_head,
+            n_query_groups=n_kv_heads,
+            n_embd=meta["llama.embedding_length"],
+            intermediate_size=meta["llama.feed_forward_length"],
+            rope_base=float(meta.get("llama.rope.freq_base", 10000.0)),
+            # GGUF stores float32: 1e-5 arrives as 9.9999997e-06; keep the value the model was trained with
+            norm_eps=float(f"{meta.get('llama.attention.layer_norm_rms_epsilon', 1e-5):.7g}"),
+            tie_embeddings="output.weight" not in tensors,
+        )
+        tokenizer = build_tokenizer(meta)  # before any weights are written: an unsupported vocabulary stops here
+    except KeyError as error:
+        raise UserError(f"{gguf_path} lacks the metadata key {error}") from None
     if meta.get("llama.rope.dimension_count", config.head_size) != config.head_size:
         raise UserError(f"{gguf_path} applies RoPE to part of each head only, which this model does not support")
 
@@ -245,7 +249,7 @@ def main(
         state_dict[lit_name(name)] = weight.to(target_dtype)
 
     path = write_checkpoint(state_dict, config, output_dir, source=str(gguf_path))
-    write_tokenizer(meta, output_dir, config.block_size)
+    write_tokenizer(tokenizer, meta, output_dir, config.block_size)
     params = sum(math.prod(t.shape) for t in state_dict.values())
     print(f"wrote {path} ({params / 1e6:.1f}M parameters, {config.n_layer} layers) and a rebuilt tokenizer.json")
 

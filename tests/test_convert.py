@@ -328,6 +328,9 @@ def smollm2_dir(tmp_path_factory):
 def test_smollm2_gguf_answers_a_chat_question(smollm2_dir):
     from lit_llama.generation import generate
 
+    from lit_llama.checkpoint import load_torch
+
+    assert load_torch(smollm2_dir[1] / "lit-llama.pth")["transformer.wte.weight"].dtype == torch.bfloat16  # --dtype
     model, tokenizer = load(smollm2_dir[1] / "lit-llama.pth", dtype=torch.float32)
     prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     ids = list(generate(model, tokenizer.encode(prompt), max_new_tokens=8, temperature=0.0, eos_id=tokenizer.eos_id))
