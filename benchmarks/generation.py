@@ -1,0 +1,144 @@
+"""Generation speed on this machine: lit-llama's `generate` vs Hugging Face transformers' `generate`, same weights.
+
+Both run greedy in bf16 on the same prompt and are forced to make every one of `new_tokens` tokens (EOS disabled).
+The two are interleaved A B A B ... for `rounds` rounds so that drifting load on a shared machine hits both alike;
+medians (and min-max) are reported. Also measured: the copy bandwidth of a large tensor, and from it the
+memory-bandwidth bound of decoding (every weight is read once per token) and how close we get to it.
+
+    python benchmarks/generation.py --checkpoint_dir checkpoints/smollm2-135m-instruct --rounds 5 --threads 2
+
+Without the converted checkpoint a random-weight SmolLM2-135M is used (same shapes, so the same speed).
+"""
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lit_llama.checkpoint import load
+from lit_llama.cli import run_cli
+from lit_llama.convert import config_to_hf, lit_to_hf_name
+from lit_llama.generation import generate
+from lit_llama.model import LLaMA, Config
+
+
+def random_model(name: str) -> LLaMA:
+    with torch.device("meta"):
+        model = LLaMA(Config.from_name(name))
+    model.to_empty(device="cpu").reset_parameters()
+    return model
+
+
+def hf_model(model: LLaMA):
+    """transformers' LlamaForCausalLM holding the same weights as `model`."""
+    import transformers
+
+    config = model.config
+    hf_config = {k: v for k, v in config_to_hf(config).items() if k not in ("rope_theta", "rope_scaling")}
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config))
+    state_dict = {}
+    for name, tensor in model.state_dict().items():
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            tensor = tensor[: config.vocab_size]
+        state_dict[lit_to_hf_name(name)] = tensor
+    hf.load_state_dict(state_dict, strict=False)  # a tied head has no key of its own
+    hf.generation_config.eos_token_id = None  # make all tokens
+    hf.generation_config.pad_token_id = 0
+    return hf.to(torch.bfloat16).eval()
+
+
+def time_ours(model: LLaMA, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
+    start = time.perf_counter()
+    tokens = list(generate(model, prompt, new_tokens, temperature=0.0))
+    return time.perf_counter() - start, tokens
+
+
+@torch.inference_mode()
+def time_hf(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
+    start = time.perf_counter()
+    out = model.generate(prompt.unsqueeze(0), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return time.perf_counter() - start, out[0, prompt.size(0) :].tolist()
+
+
+def copy_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Bytes moved per second by copying a large tensor (each byte is read once and written once)."""
+    source = torch.ones(megabytes * 2**20, dtype=torch.uint8)
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        times.append(time.perf_counter() - start)
+    return 2 * source.numel() / statistics.median(times)
+
+
+def bytes_per_token(model: LLaMA) -> int:
+    """Weights read to decode one token: every matrix once (the embedding only by its one looked-up row, but a tied
+    head reads it whole), norms included."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head is not None:  # an untied embedding table is only indexed
+        weight = model.transformer.wte.weight
+        total -= weight.numel() * weight.element_size()
+    return total
+
+
+def main(
+    checkpoint_dir: Optional[Path] = Path("checkpoints/smollm2-135m-instruct"),
+    prompt_length: int = 16,
+    new_tokens: int = 256,
+    rounds: int = 5,
+    threads: int = 2,
+) -> None:
+    """Benchmark bf16 greedy generation against transformers.
+
+    Args:
+        checkpoint_dir: A converted checkpoint; if it does not exist, a random-weight SmolLM2-135M.
+        prompt_length: Tokens in the (fixed, pseudo-random) prompt.
+        new_tokens: Tokens each run must generate.
+        rounds: Interleaved rounds (each times both implementations once).
+        threads: torch.set_num_threads for both.
+    """
+    torch.set_num_threads(threads)
+    if checkpoint_dir is not None and checkpoint_dir.is_dir():
+        model, _ = load(checkpoint_dir, "cpu", torch.float32)
+        source = str(checkpoint_dir)
+    else:
+        torch.manual_seed(0)
+        model = random_model("SmolLM2-135M")
+        source = "random-weight SmolLM2-135M"
+    hf = hf_model(model)
+    model = model.to(torch.bfloat16).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (prompt_length,), generator=torch.Generator().manual_seed(0))
+
+    time_ours(model, prompt, 8), time_hf(hf, prompt, 8)  # warm-up: allocator, kernels, lazy inits
+    ours, theirs = [], []
+    for r in range(rounds):
+        seconds, our_tokens = time_ours(model, prompt, new_tokens)
+        ours.append(new_tokens / seconds)
+        seconds, hf_tokens = time_hf(hf, prompt, new_tokens)
+        theirs.append(new_tokens / seconds)
+        print(f"round {r + 1}: lit-llama {ours[-1]:.1f} tok/s, transformers {theirs[-1]:.1f} tok/s", file=sys.stderr)
+    agree = next((i for i, (a, b) in enumerate(zip(our_tokens, hf_tokens)) if a != b), len(our_tokens))
+
+    bandwidth = copy_bandwidth()
+    bound = bandwidth / bytes_per_token(model)
+    median_ours, median_theirs = statistics.median(ours), statistics.median(theirs)
+    print(f"| machine | {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads |")
+    print(f"| versions | python {platform.python_version()}, torch {torch.__version__}, "
+          f"transformers {__import__('transformers').__version__} |")
+    print(f"| model | {source}, bf16, prompt {prompt_length} tokens, {new_tokens} new tokens, greedy |")
+    print(f"| lit-llama | {median_ours:.1f} tok/s (min {min(ours):.1f}, max {max(ours):.1f}) |")
+    print(f"| transformers | {median_theirs:.1f} tok/s (min {min(theirs):.1f}, max {max(theirs):.1f}) |")
+    print(f"| ratio (medians) | {median_ours / median_theirs:.2f}x |")
+    print(f"| copy bandwidth | {bandwidth / 1e9:.1f} GB/s; weights read per token {bytes_per_token(model) / 1e6:.0f} MB |")
+    print(f"| bandwidth bound | {bound:.1f} tok/s; lit-llama reaches {100 * median_ours / bound:.0f}% of it |")
+    print(f"| same greedy tokens | first {agree} of {new_tokens} identical (bf16 rounding differs between the two) |")
+
+
+if __name__ == "__main__":
+    run_cli(main)

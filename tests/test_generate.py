@@ -1,0 +1,183 @@
+"""Base generation: KV-cache decoding equals full recomputation, sampling respects its limits, EOS stops, the text
+streams, and generate/base.py behaves as a command-line tool."""
+import io
+
+import pytest
+import torch
+
+from lit_llama.checkpoint import save_config, save_torch
+from lit_llama.generation import Runtime, generate, sample, stream_text
+from lit_llama.model import LLaMA, Config
+from lit_llama.tokenizer import Tokenizer
+from tiny_tokenizers import make_byte_level_bpe, make_sentencepiece
+
+
+def tiny_model(name: str = "tiny", seed: int = 0) -> LLaMA:
+    """Random weights wider than the usual 0.02 init, so greedy decoding wanders instead of repeating one token."""
+    torch.manual_seed(seed)
+    model = LLaMA(Config.from_name(name))
+    for parameter in model.parameters():
+        if parameter.dim() == 2:
+            torch.nn.init.normal_(parameter, std=0.2)
+    return model.eval()
+
+
+@torch.inference_mode()
+def greedy_without_cache(model: LLaMA, prompt: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """The reference: rerun the whole sequence through the model for every new token."""
+    ids = prompt.tolist()
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids]))[0, -1, : model.config.vocab_size]
+        ids.append(int(logits.argmax()))
+    return ids[prompt.size(0) :]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
+@pytest.mark.parametrize("prompt_length", [1, 13])
+def test_kv_cache_generation_equals_full_recompute(name, prompt_length):
+    model = tiny_model(name)
+    prompt = torch.randint(0, model.config.vocab_size, (prompt_length,), generator=torch.Generator().manual_seed(1))
+    with_cache = list(generate(model, prompt, max_new_tokens=24, temperature=0.0))
+    assert with_cache == greedy_without_cache(model, prompt, 24)
+    assert len(set(with_cache)) > 1  # a degenerate model repeating one token would prove little
+    assert all(block.attn.kv_cache is None for block in model.transformer.h)  # the cache is released afterwards
+
+
+def test_greedy_settings_agree():
+    model = tiny_model("tiny-gqa")
+    prompt = torch.tensor([5, 17, 42])
+    greedy = list(generate(model, prompt, 10, temperature=0.0))
+    torch.manual_seed(3)
+    assert list(generate(model, prompt, 10, temperature=1.0, top_k=1)) == greedy
+    assert list(generate(model, prompt, 10, temperature=1.0, top_k=None, top_p=1e-6)) == greedy
+
+
+def test_sampling_respects_top_k_and_top_p():
+    torch.manual_seed(0)
+    logits = torch.randn(50)
+    assert int(sample(logits, temperature=1.0, top_k=1)) == int(logits.argmax())
+    assert int(sample(logits, temperature=0.0, top_k=50)) == int(logits.argmax())
+    assert int(sample(logits, temperature=1.0, top_k=None, top_p=1e-6)) == int(logits.argmax())
+
+    top5 = set(torch.topk(logits, 5).indices.tolist())
+    drawn = {int(sample(logits, temperature=1.0, top_k=5)) for _ in range(400)}
+    assert drawn <= top5 and len(drawn) > 1
+
+    # probabilities 0.4, 0.3, 0.2, 0.1: the first two hold 0.7 >= 0.5, so the nucleus is tokens 0 and 1
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    drawn = {int(sample(probs.log(), temperature=1.0, top_k=None, top_p=0.5)) for _ in range(400)}
+    assert drawn == {0, 1}
+
+
+def test_generation_stops_at_eos():
+    model = tiny_model()
+    prompt = torch.tensor([1, 2, 3])
+    free = list(generate(model, prompt, 20, temperature=0.0))
+    eos = free[4]
+    stopped = list(generate(model, prompt, 20, temperature=0.0, eos_id=eos))
+    assert stopped == free[: free.index(eos) + 1]
+    assert stopped[-1] == eos and len(stopped) < 20
+    assert list(generate(model, prompt, 20, temperature=0.0, stop_ids={free[2]})) == free[: free.index(free[2]) + 1]
+
+
+def test_mixed_precision_autocasts():
+    model = tiny_model()
+    with Runtime(torch.device("cpu"), "bf16-mixed").autocast():
+        logits = model(torch.tensor([[1, 2, 3]]))
+    assert model.transformer.wte.weight.dtype == torch.float32 and logits.dtype == torch.bfloat16
+
+
+class RecordingOutput(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return super().write(text)
+
+
+@pytest.mark.parametrize("make_tokenizer", [make_sentencepiece, make_byte_level_bpe])
+def test_stream_text_prints_each_token_as_it_arrives(tmp_path, make_tokenizer):
+    tokenizer = Tokenizer(make_tokenizer(tmp_path))
+    prompt = tokenizer.encode("The quick brown")
+    continuation = tokenizer.encode(" fox jumps over the lazy dog, naïve 😀 café!", bos=False).tolist()
+    out = RecordingOutput()
+
+    def tokens():
+        for i, token in enumerate(continuation):
+            yield token
+            # by the time the next token is asked for, the text so far is out (a split character may wait)
+            assert len(out.getvalue()) > 0 or i == 0
+
+    returned = stream_text(iter(tokens()), tokenizer, prompt.tolist(), out)
+    assert returned == continuation
+    full = tokenizer.decode(prompt.tolist() + continuation)
+    assert tokenizer.decode(prompt.tolist()) + out.getvalue() == full  # word-boundary spaces kept
+    assert "\ufffd" not in out.getvalue() and "😀" in out.getvalue()  # multi-byte characters never split
+    assert len([w for w in out.writes if w]) > 5  # streamed piece by piece, not printed once at the end
+
+
+def test_stream_text_does_not_print_the_stop_token(tmp_path):
+    tokenizer = Tokenizer(make_byte_level_bpe(tmp_path))
+    ids = tokenizer.encode("over the lazy dog").tolist()
+    out = io.StringIO()
+    assert stream_text(iter(ids + [tokenizer.eos_id]), tokenizer, [], out) == ids + [tokenizer.eos_id]
+    assert out.getvalue() == "over the lazy dog"
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A tiny random model saved as a checkpoint dir, with a byte-level BPE tokenizer beside it."""
+    directory = tmp_path / "tiny"
+    tokenizer = Tokenizer(make_byte_level_bpe(directory))
+    config = Config.from_name("tiny-gqa", vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    model = LLaMA(config)
+    model.reset_parameters()
+    save_torch(model.state_dict(), directory / "lit-llama.pth")
+    save_config(config, directory)
+    return directory / "lit-llama.pth"
+
+
+def test_script_streams_text_to_stdout_and_stats_to_stderr(checkpoint, script):
+    from lit_llama.checkpoint import load
+
+    prompt = "The quick brown fox"
+    result = script(
+        "generate/base.py", "--checkpoint_path", checkpoint, "--prompt", prompt, "--temperature", "0",
+        "--max_new_tokens", "12", "--num_samples", "2", "--precision", "32-true", check=True,
+    )
+    model, tokenizer = load(checkpoint)
+    prompt_ids = tokenizer.encode(prompt)
+    tokens = [t for t in generate(model, prompt_ids, 12, temperature=0.0) if t not in tokenizer.stop_ids]
+    expected = prompt + tokenizer.decode(prompt_ids.tolist() + tokens)[len(tokenizer.decode(prompt_ids.tolist())) :]
+    assert result.stdout == f"{expected}\n{expected}\n"
+    assert result.stderr.count("Time for inference:") == 2 and "tokens/sec" in result.stderr
+    assert "Peak" in result.stderr and "Time for inference" not in result.stdout
+
+
+def test_script_refuses_a_prompt_longer_than_the_context(checkpoint, script):
+    result = script("generate/base.py", "--checkpoint_path", checkpoint, "--prompt", "lazy dog " * 200)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the prompt has")
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_script_reports_a_missing_checkpoint(tmp_path, script):
+    result = script("generate/base.py", "--checkpoint_path", tmp_path / "nothing/lit-llama.pth")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'nothing/lit-llama.pth'}"]
+
+
+def test_script_help_lists_options_with_defaults(script):
+    result = script("generate/base.py", "-h", check=True)
+    options = " ".join(result.stdout.split("options:", 1)[1].split()).replace("- ", "-")  # undo line wrapping
+    for option, default in [
+        ("--checkpoint_path", "checkpoints/lit-llama/7B/lit-llama.pth"), ("--prompt", "Hello, my name is"),
+        ("--num_samples", "1"), ("--max_new_tokens", "50"), ("--top_k", "200"), ("--top_p", "1.0"),
+        ("--temperature", "0.8"), ("--seed", "1234"), ("--compile", "False"),
+    ]:
+        entry = options.split(f" {option} ", 1)[1].split(" --", 1)[0]
+        assert f"default: {default})" in entry, option
+    assert "--precision" in options and "--tokenizer_path" in options
