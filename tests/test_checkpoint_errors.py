@@ -70,3 +70,29 @@ def test_the_code_in_pickle_payload_is_real(tmp_path):
     path, _ = bad_checkpoint("code-in-pickle", tmp_path)
     torch.load(path, weights_only=False)
     assert (tmp_path / "pwned").exists()
+
+
+def corrupt_input(kind: str, tmp_path):
+    """(script arguments, expected words) for a bad input to each of the other converters."""
+    if kind == "truncated-safetensors":
+        (tmp_path / "hf").mkdir()
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(
+            vocab_size=320, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+        )))
+        (tmp_path / "hf" / "model.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+        return ["scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "hf"], "not a readable safetensors"
+    if kind == "not-gguf":
+        (tmp_path / "model.gguf").write_text("not a gguf file")
+        return ["scripts/convert_gguf_checkpoint.py", "--gguf_path", tmp_path / "model.gguf"], "not a readable GGUF"
+    if kind == "no-meta-files":
+        return ["scripts/convert_checkpoint.py", "--checkpoint_dir", tmp_path], "consolidated.*.pth"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["truncated-safetensors", "not-gguf", "no-meta-files"])
+def test_converters_refuse_bad_input_in_one_line(tmp_path, kind):
+    args, expected = corrupt_input(kind, tmp_path)
+    result = run_script(*args, "--output_dir", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error:") and expected in result.stderr
+    assert not (tmp_path / "out").exists()
