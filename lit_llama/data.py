@@ -18,6 +18,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -172,11 +173,15 @@ def tokenize(
                 all_ids.append(ids)
                 all_labels.append(labels)
             lengths = [len(ids) for ids in all_ids]
-            input_ids = torch.tensor(list(chain.from_iterable(all_ids)), dtype=torch.long).split(lengths)
-            labels = torch.tensor(list(chain.from_iterable(all_labels)), dtype=torch.long).split(lengths)
+            input_ids, labels = (flat_tensor(lists).split(lengths) for lists in (all_ids, all_labels))
             samples += [{"input_ids": i, "labels": l} for i, l in zip(input_ids, labels)]
             progress.update(len(chunk))
     return samples, truncated
+
+
+def flat_tensor(lists: list[list[int]]) -> torch.Tensor:
+    # numpy.fromiter converts Python ints several times faster than torch.tensor(list)
+    return torch.from_numpy(np.fromiter(chain.from_iterable(lists), dtype=np.int64))
 
 
 def prepare(
