@@ -39,45 +39,62 @@ def load_workload(path: Path) -> list[dict]:
     return json.loads(Path(path).read_text())["samples"]
 
 
-def batches(samples: list[dict], micro_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(inputs, targets, useful_tokens) per micro-batch, padded only to the longest sample in it (dynamic padding).
+def batches(samples: list[dict], micro_batch: int) -> Iterator[dict]:
+    """Micro-batches padded only to their longest sample (dynamic padding), with padding on the right, where causal
+    attention keeps it invisible to real tokens, so no attention mask is needed anywhere.
 
-    Targets are the labels shifted by one, so every tool computes exactly the same next-token loss. Padding goes on
-    the right, where causal attention keeps it invisible to real tokens, so no attention mask is needed anywhere.
+    Each holds `input_ids`/`labels` (whole samples; lit-llama's loop shifts them itself) and the same shifted by
+    one, `inputs`/`targets`, for tools whose loss compares logits[t] to targets[t]; every tool learns the same
+    next-token predictions. `useful_tokens` counts the real (non-padding) input positions.
     """
     for start in range(0, len(samples) - micro_batch + 1, micro_batch):
         chunk = samples[start : start + micro_batch]
-        length = max(len(s["input_ids"]) for s in chunk) - 1
-        inputs = torch.zeros(len(chunk), length, dtype=torch.long)
-        targets = torch.full((len(chunk), length), IGNORE_INDEX, dtype=torch.long)
+        longest = max(len(s["input_ids"]) for s in chunk)
+        input_ids = torch.zeros(len(chunk), longest, dtype=torch.long)
+        labels = torch.full((len(chunk), longest), IGNORE_INDEX, dtype=torch.long)
         for row, sample in enumerate(chunk):
-            ids, labels = sample["input_ids"], sample["labels"]
-            inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-            targets[row, : len(ids) - 1] = torch.tensor(labels[1:])
-        yield inputs, targets, sum(len(s["input_ids"]) - 1 for s in chunk)
+            input_ids[row, : len(sample["input_ids"])] = torch.tensor(sample["input_ids"])
+            labels[row, : len(sample["labels"])] = torch.tensor(sample["labels"])
+        yield dict(
+            input_ids=input_ids, labels=labels, inputs=input_ids[:, :-1], targets=labels[:, 1:],
+            useful_tokens=sum(len(s["input_ids"]) - 1 for s in chunk),
+        )
 
 
 def peak_rss_mb() -> float:
+    """The process's high-water mark, loading included."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure(tool: str, train_step: Callable, args: argparse.Namespace, **details) -> None:
-    """Run `warmup` untimed then `steps` timed calls of train_step(inputs, targets) -> loss; print one JSON line."""
+def current_rss_mb() -> float:
+    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return resident_pages * resource.getpagesize() / 2**20
+
+
+def measure(tool: str, train_step: Callable[[dict], float], args: argparse.Namespace, **details) -> None:
+    """Run `warmup` untimed then `steps` timed calls of train_step(batch) -> loss; print one RESULT JSON line."""
     samples = load_workload(args.workload)
     needed = (args.warmup + args.steps) * args.micro_batch
     if len(samples) < needed:
         sys.exit(f"error: workload has {len(samples)} samples, {needed} needed")
     all_batches = list(batches(samples[:needed], args.micro_batch))
-    losses = [train_step(inputs, targets) for inputs, targets, _ in all_batches[: args.warmup]]
+    rss_before = current_rss_mb()  # the model is loaded and set up
+    losses, rss = [], []
+    for batch in all_batches[: args.warmup]:
+        losses.append(train_step(batch))
+        rss.append(current_rss_mb())
     timed = all_batches[args.warmup :]
     start = time.perf_counter()
-    losses += [train_step(inputs, targets) for inputs, targets, _ in timed]
+    for batch in timed:
+        losses.append(train_step(batch))
+        rss.append(current_rss_mb())  # reading /proc is microseconds: no effect on the timing
     seconds = time.perf_counter() - start
-    useful = sum(n for _, _, n in timed)
-    padded = sum(inputs.numel() for inputs, _, _ in timed)
+    useful = sum(batch["useful_tokens"] for batch in timed)
     result = dict(
-        tool=tool, tokens_per_s=useful / seconds, seconds=seconds, useful_tokens=useful, padded_tokens=padded,
-        steps=args.steps, first_loss=losses[0], last_loss=losses[-1], peak_rss_mb=peak_rss_mb(),
-        torch=torch.__version__, threads=torch.get_num_threads(), **details,
+        tool=tool, tokens_per_s=useful / seconds, seconds=seconds, useful_tokens=useful,
+        padded_tokens=sum(batch["inputs"].numel() for batch in timed), steps=args.steps, first_loss=losses[0],
+        last_loss=losses[-1], peak_rss_mb=peak_rss_mb(), rss_before_training_mb=rss_before, training_rss_mb=max(rss),
+        torch=torch.__version__, threads=torch.get_num_threads(),
+        **details,
     )
     print("RESULT " + json.dumps(result), flush=True)

@@ -21,15 +21,14 @@ def main() -> None:
         r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=["q_proj", "v_proj"],
         task_type="CAUSAL_LM",
     )
-    # PEFT upcasts adapters to fp32 by default; keep them bf16 like the other tools' bf16-true runs
-    model = get_peft_model(model, lora, autocast_adapter_dtype=False)
+    model = get_peft_model(model, lora)  # PEFT's default keeps the adapters in fp32, as lit-llama does
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
 
-    def train_step(inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        logits = model(input_ids=inputs, use_cache=False).logits
+    def train_step(batch: dict) -> float:
+        logits = model(input_ids=batch["inputs"], use_cache=False).logits
         # what transformers' causal-LM loss does: upcast logits, mean over non-ignored targets
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE_INDEX)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

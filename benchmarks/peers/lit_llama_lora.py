@@ -1,37 +1,39 @@
-"""LoRA training throughput of lit-llama, the way finetune/lora.py trains: the model in bf16 (bf16-true), LoRA on
-q_proj/v_proj via `add_lora` + `mark_only_lora_as_trainable`, AdamW. Runs with the project's own Python;
-benchmarks/lora_training.py calls it, with `--model_dir` the lit-llama checkpoint directory.
+"""LoRA training throughput of lit-llama, with the very pieces finetune/lora.py trains with: `setup_fabric` and
+`load_model` (frozen weights in bf16, LoRA A/B in fp32, on q_proj/v_proj) and `loss_sum` (the output head only at
+positions whose label counts), AdamW. Runs with the project's own Python; benchmarks/lora_training.py calls it, with
+`--model_dir` the lit-llama checkpoint directory (weights, model_config.json, tokenizer files).
 """
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from lit_llama.checkpoint import load_config, load_torch, load_weights, weights_path
-from lit_llama.lora import add_lora, mark_only_lora_as_trainable
-from lit_llama.model import LLaMA
+from lit_llama.data import IGNORE_INDEX
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.training import load_model, loss_sum, setup_fabric
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import IGNORE_INDEX, measure, runner_arguments  # noqa: E402
+from common import measure, runner_arguments  # noqa: E402
 
 
 def main() -> None:
     args = runner_arguments(__doc__)
-    path = weights_path(args.model_dir)
-    state_dict = load_torch(path)
-    with torch.device("meta"):
-        model = LLaMA(load_config(path, state_dict))
-    load_weights(model, state_dict, path, dtype=torch.bfloat16)
-    add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=["query", "value"])
-    mark_only_lora_as_trainable(model)
-    model.train()
+    precision = "bf16-true"
+    fabric = setup_fabric(1, 1, precision, Path(tempfile.mkdtemp(prefix="lit-llama-bench-")))
+    lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=["query", "value"])
+    meta = {"prompt_style": "alpaca"}  # only recorded in finetune_config, which the benchmark does not save
+    model, _ = load_model(fabric, args.model_dir, "lora", lora, precision, meta, Tokenizer(args.model_dir), seed=1337)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+    optimizer = fabric.setup_optimizers(optimizer)
+    model.train()
+    vocab_size = model.config.vocab_size
 
-    def train_step(inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        logits = model(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        loss.backward()
+    def train_step(batch: dict) -> float:
+        # lit-llama's collate gives whole samples; loss_sum shifts them and sums over the counted positions
+        label_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        loss = loss_sum(model, batch["input_ids"], batch["labels"], vocab_size) / label_tokens
+        fabric.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()

@@ -31,9 +31,9 @@ def main() -> None:
     load_checkpoint(fabric, model, args.model_dir / "lit_model.pth", strict=False)
     model.train()
 
-    def train_step(inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        logits = model(inputs, lm_head_chunk_size=128)
-        loss = chunked_cross_entropy(logits, targets)
+    def train_step(batch: dict) -> float:
+        logits = model(batch["inputs"], lm_head_chunk_size=128)
+        loss = chunked_cross_entropy(logits, batch["targets"])
         fabric.backward(loss)
         optimizer.step()
         optimizer.zero_grad()

@@ -1,0 +1,95 @@
+"""The benchmarks' own mechanics: the shared workload and batches, the summary, the memory model and FLOP count,
+and a smoke run of the GPU benchmark on CPU with a tiny model."""
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run_script
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "benchmarks" / "peers"))
+from common import IGNORE_INDEX, batches  # noqa: E402
+from gpu_lora_7b import step_flops  # noqa: E402
+from lora_training import alpaca_like_samples, summarize  # noqa: E402
+from memory_7b import memory_model, predict, random_lora_model, saved_activation_bytes  # noqa: E402
+
+from lit_llama.model import Config  # noqa: E402
+
+
+def test_alpaca_like_samples_are_deterministic_and_masked():
+    samples = alpaca_like_samples(50, vocab_size=320, max_seq_length=96, seed=3)
+    assert samples == alpaca_like_samples(50, vocab_size=320, max_seq_length=96, seed=3)
+    assert samples != alpaca_like_samples(50, vocab_size=320, max_seq_length=96, seed=4)
+    for s in samples:
+        ids, labels = s["input_ids"], s["labels"]
+        assert 24 <= len(ids) <= 96 and len(labels) == len(ids) and max(ids) < 320
+        prompt = labels.count(IGNORE_INDEX)
+        assert 0 < prompt < len(ids) and labels[:prompt] == [IGNORE_INDEX] * prompt and labels[prompt:] == ids[prompt:]
+
+
+def test_batches_pad_dynamically_and_shift_targets():
+    samples = [
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+        {"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
+        {"input_ids": [4, 4], "labels": [4, 4]},  # a third sample cannot fill a micro-batch of 2: left out
+    ]
+    (batch,) = list(batches(samples, micro_batch=2))
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8, 9], [-100, 2, 3, -100, -100]]
+    assert batch["inputs"].tolist() == [[5, 6, 7, 8], [1, 2, 3, 0]]
+    assert batch["targets"].tolist() == [[-100, 7, 8, 9], [2, 3, -100, -100]]
+    assert batch["useful_tokens"] == 4 + 2
+
+
+def test_summarize_reports_medians_and_paired_ratios():
+    results = [
+        dict(tool=tool, tokens_per_s=speed, peak_rss_mb=rss, training_rss_mb=rss / 2, first_loss=1.0)
+        for tool, speed, rss in [
+            ("lit-llama", 30, 100), ("hf+peft", 10, 200), ("lit-llama", 20, 100), ("hf+peft", 20, 200),
+            ("lit-llama", 40, 100), ("hf+peft", 20, 100),
+        ]
+    ]
+    summary = summarize(results, ["lit-llama", "hf+peft"])
+    assert summary["lit-llama"]["tokens_per_s_median"] == 30 and summary["hf+peft"]["tokens_per_s_median"] == 20
+    assert summary["hf+peft"]["ours_speedup_median"] == 1.5
+    assert (summary["hf+peft"]["ours_speedup_per_round_min"], summary["hf+peft"]["ours_speedup_per_round_max"]) == (1, 3)
+    assert summary["hf+peft"]["ours_rss_ratio"] == 0.5
+
+
+def test_step_flops_counts_frozen_matmuls_lora_and_attention():
+    config = Config.from_name("tiny")
+    model = random_lora_model(config, 8, 16, "cpu", activation_checkpointing=False)
+    C, I, L, V = config.n_embd, config.intermediate_size, config.n_layer, config.padded_vocab_size
+    n_mm = L * (4 * C * C + 3 * C * I) + V * C  # tiny: MHA, so k and v are C x C too
+    n_lora = L * 2 * 8 * (C + C)
+    B, T = 2, 16
+    assert step_flops(model, B, T) == B * T * (4 * n_mm + 6 * n_lora) + L * 6 * B * T * T * C
+
+
+def test_memory_model_counts_saved_activations_per_token():
+    config = Config.from_name("tiny")
+    # flash/efficient attention saves O(T) state, so saved bytes grow linearly with the tokens
+    one, two = saved_activation_bytes(config, 1, 1, 32), saved_activation_bytes(config, 1, 2, 32)
+    assert two == pytest.approx(2 * one, rel=0.05)
+    m = memory_model(config, lora_r=8, probe_tokens=32)
+    assert m["a_layer"] > 10 * config.n_embd  # at least the bf16 outputs of a block's seven projections
+    without, with_ac = predict(m, config, 4096, False), predict(m, config, 4096, True)
+    assert with_ac["total"] < without["total"] and with_ac["weights"] == without["weights"] == 2 * m["n_frozen"]
+
+
+def test_gpu_benchmark_smoke_on_cpu():
+    result = run_script(
+        "benchmarks/gpu_lora_7b.py", "--config_name", "tiny", "--device", "cpu", "--compile", "false",
+        "--seq_length", "32", "--warmup", "1", "--steps", "2", "--new_tokens", "8",
+    )
+    assert result.returncode == 0, result.stderr
+    line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
+    numbers = json.loads(line[len("RESULT ") :])
+    assert numbers["tokens_per_s"] > 0 and numbers["mfu"] > 0 and numbers["generate_eager_tokens_per_s"] > 0
+    assert math.isfinite(numbers["loss"]) and numbers["peak_memory_gib"] > 0
+
+    too_long = run_script("benchmarks/gpu_lora_7b.py", "--config_name", "tiny", "--device", "cpu", "--seq_length", "500")
+    assert too_long.returncode == 2 and too_long.stderr.startswith("error:") and "block_size" in too_long.stderr
