@@ -173,10 +173,7 @@ def load_model(
     if activation_checkpointing:
         for block in model.transformer.h:  # recompute each block's activations in backward instead of storing them
             block.forward = partial(checkpoint, block.forward, use_reentrant=False)
-    model = fabric.setup_module(model)
-    model.mark_forward_method("features")  # so calls to these still pass the strategy's hooks (FSDP2's unshard)
-    model.mark_forward_method("head")
-    return model, record
+    return fabric.setup_module(model), record
 
 
 # ------------------------------------------------------------------------------------------------------- the loop
@@ -287,7 +284,8 @@ def fit(
                     last_saved = save_checkpoint(fabric, model, optimizer, hp, progress, out_dir)
                 if stopping:
                     name = signal.Signals(stop.signum).name if stop.signum else "a signal on another process"
-                    fabric.print(f"stopped by {name} after step {step}; saved {last_saved}: continue with --resume auto")
+                    fabric.print(f"stopped by {name} after step {step}; saved {last_saved}: continue with --resume auto",
+                                 file=sys.stderr)
                     fabric.logger.finalize("interrupted")
                     raise SystemExit(128 + (stop.signum or signal.SIGTERM))
                 clock += time.perf_counter() - pause  # evaluation and saving do not count against tokens/s
@@ -315,9 +313,20 @@ def loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     reach the output head: with prompts masked and padding, most logits are never computed."""
     targets = labels[:, 1:]
     counted = targets != IGNORE_INDEX
-    hidden = model.features(input_ids)[:, :-1][counted]
-    logits = model.head(hidden)[:, :vocab_size]  # the padded vocabulary columns are not tokens
+    hidden = call_as_forward(model, "features", input_ids)[:, :-1][counted]
+    logits = call_as_forward(model, "head", hidden)[:, :vocab_size]  # the padded vocabulary columns are not tokens
     return F.cross_entropy(logits.float(), targets[counted], reduction="sum")
+
+
+def call_as_forward(model, method: str, *args):
+    """`model.<method>(*args)` called the way forward is, through the wrapper's __call__, so that what the strategy and
+    precision attach to forward applies (FSDP2 gathers the root's sharded weights, autocast for -mixed precision)."""
+    module = model.module
+    module.forward = getattr(module, method)  # an instance attribute shadows the class's forward for this call
+    try:
+        return model(*args)
+    finally:
+        del module.forward
 
 
 class StopRequest:
