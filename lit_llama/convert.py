@@ -146,6 +146,7 @@ def pad_vocab(weight: torch.Tensor, config: Config) -> torch.Tensor:
 
 def write_checkpoint(state_dict: dict, config: Config, output_dir: Union[str, Path], source: str) -> Path:
     """Pad the vocabulary, drop a tied head, check every shape against `config`, then save weights and config."""
+    state_dict = dict(state_dict)  # the caller's dict stays as it was
     for key in ("transformer.wte.weight", "lm_head.weight"):
         if key in state_dict:
             state_dict[key] = pad_vocab(state_dict[key], config)
