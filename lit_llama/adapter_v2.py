@@ -79,7 +79,6 @@ def mark_only_adapter_v2_as_trainable(model: nn.Module) -> None:
 
 def merge_adapter_v2_linears(model: nn.Module) -> nn.Module:
     """For inference: fold each scale and bias into its layer (one matmul with bias, no extra elementwise pass)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, AdapterV2Linear):
-            model.set_submodule(name, module.merged())
+    for name in [name for name, module in model.named_modules() if isinstance(module, AdapterV2Linear)]:
+        model.set_submodule(name, model.get_submodule(name).merged())  # one old layer alive at a time
     return model

@@ -124,12 +124,13 @@ def mark_only_lora_as_trainable(model: nn.Module) -> None:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its weight and put back a plain `nn.Linear`, in place: the result has exactly
     the base model's modules and state-dict keys, and runs at the base model's speed and memory."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            with torch.device("meta"):
-                linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            with torch.no_grad():
-                linear.weight = nn.Parameter(module.merged_weight(), requires_grad=module.weight.requires_grad)
-            linear.bias = module.bias
-            model.set_submodule(name, linear)
+    # names, not modules: holding every replaced layer until the end would keep all the old weights alive too
+    for name in [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]:
+        module = model.get_submodule(name)
+        with torch.device("meta"):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        with torch.no_grad():
+            linear.weight = nn.Parameter(module.merged_weight(), requires_grad=module.weight.requires_grad)
+        linear.bias = module.bias
+        model.set_submodule(name, linear)
     return model
