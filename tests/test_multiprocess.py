@@ -1,0 +1,39 @@
+"""Two CPU processes (gloo) through the FSDP2 path train like one process with the same global batch."""
+import csv
+
+import pytest
+import torch
+
+from conftest import run_script
+from tiny_runs import as_args, finetune_main, make_inputs, settings, single_thread  # noqa: F401 (fixture)
+
+
+def losses(out_dir) -> dict:
+    with open(out_dir / "logs" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {(row["step"], "val" if row["val_loss"] else "train"): float(row["val_loss"] or row["train_loss"]) for row in rows}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_processes_match_one(method, tmp_path, single_thread):
+    checkpoint_path, data_dir = make_inputs(tmp_path / "tiny")
+    # fp32 and no dropout, so that the two runs differ only in how the sum over samples is split
+    options = dict(max_steps=3, eval_interval=3, save_interval=2, learning_rate=0.01, warmup_steps=0)
+    if method == "lora":
+        options |= dict(lora_dropout=0.0, lora_mlp=True)
+    run_script(f"finetune/{method}.py", *as_args(settings(checkpoint_path, data_dir, tmp_path / "two", devices=2, **options)), check=True)
+    finetune_main(method)(**settings(checkpoint_path, data_dir, tmp_path / "one", **options))
+
+    final = f"lit-llama-{method}-finetuned.pth"
+    for name in (final, "iter-000002-ckpt.pth", "iter-000003-resume.pth", "loss.png", "finetune_config.json"):
+        assert (tmp_path / "two" / name).is_file()
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) == 4
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-5)
+    weights_one = torch.load(tmp_path / "one" / final, weights_only=True)
+    weights_two = torch.load(tmp_path / "two" / final, weights_only=True)
+    assert weights_one.keys() == weights_two.keys()  # whole tensors gathered from the shards
+    for key in weights_one:
+        torch.testing.assert_close(weights_two[key], weights_one[key], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(weights_one[key], torch.load(tmp_path / "one" / "iter-000002-ckpt.pth")[key])
