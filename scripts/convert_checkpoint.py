@@ -111,14 +111,15 @@ def main(checkpoint_dir: Path, output_dir: Path, model_size: str = "7B", dtype: 
         tie_embeddings=False,
     )
     for layer in range(config.n_layer):
-        prefix = f"transformer.h.{layer}.attn"
-        state_dict[f"{prefix}.q_proj.weight"] = interleaved_to_rotate_half(state_dict[f"{prefix}.q_proj.weight"], n_head)
-        state_dict[f"{prefix}.k_proj.weight"] = interleaved_to_rotate_half(state_dict[f"{prefix}.k_proj.weight"], n_kv_heads)
+        q, k = f"transformer.h.{layer}.attn.q_proj.weight", f"transformer.h.{layer}.attn.k_proj.weight"
+        state_dict[q] = interleaved_to_rotate_half(state_dict[q], n_head)
+        state_dict[k] = interleaved_to_rotate_half(state_dict[k], n_kv_heads)
 
     path = write_checkpoint(state_dict, config, output_dir, source=str(checkpoint_dir))
     tokenizer_dir = find_tokenizer_dir(checkpoint_dir)
     copied = copy_tokenizer_files(tokenizer_dir, output_dir) if tokenizer_dir else []
-    print(f"wrote {path} from {len(shards)} shard(s) and {', '.join(copied) or 'no tokenizer (tokenizer.model not found)'}")
+    tokenizer = ", ".join(copied) or "no tokenizer (tokenizer.model not found)"
+    print(f"wrote {path} from {len(shards)} shard(s) and {tokenizer}")
 
 
 if __name__ == "__main__":

