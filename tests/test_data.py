@@ -2,6 +2,8 @@ import importlib.util
 import json
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO
 from lit_llama.builtin_tasks import TASKS, generate
+from lit_llama import data
 from lit_llama.cli import run_cli
 from lit_llama.data import IGNORE_INDEX, check_tokenizer, load_prepared, load_records, prepare, tokenize
 from lit_llama.errors import UserError
@@ -159,6 +162,26 @@ def test_check_tokenizer_rejects_another_tokenizer(tmp_path, bpe_dir, sp_dir):
         check_tokenizer(meta, Tokenizer(sp_dir), tmp_path)
     with pytest.raises(UserError, match="no meta.json"):
         load_prepared(tmp_path / "missing")
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path, bpe_dir, monkeypatch):
+    def disk_full(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data, "save_json", disk_full)  # train.pt and test.pt are written, then test.json fails
+    with pytest.raises(OSError):
+        prepare_records(ALPACA, tmp_path, Tokenizer(bpe_dir))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_without_network_is_one_clear_error(tmp_path, monkeypatch):
+    def unreachable(url, timeout):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    with pytest.raises(UserError, match=r"cannot download https://x/a.json \(Name or service not known\).*--data_file"):
+        data.download("https://x/a.json", tmp_path / "a.json")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_load_records_formats(tmp_path):
