@@ -40,8 +40,9 @@ def main(
         download(DATA_URL, data_file)
     records = load_records(data_file)
     prepare(
-        records, destination_path, tokenizer, str(data_file), test_split_size, max_seq_length, seed, mask_inputs,
-        prompt_style, skip_long,
+        records, destination_path, tokenizer, source=str(data_file), test_split_size=test_split_size,
+        max_seq_length=max_seq_length, seed=seed, mask_inputs=mask_inputs, prompt_style=prompt_style,
+        skip_long=skip_long,
     )
 
 

@@ -39,9 +39,12 @@ def main(
     data_file = destination_path / "builtin.json"
     save_json(generate(num_records, seed), data_file)
     records = load_records(data_file)  # read back like any user file: the same path through the pipeline
+    # distinct (instruction, input) pairs, so no held-out question is also a training one
+    assert len({(r["instruction"], r["input"]) for r in records}) == len(records)
     prepare(
-        records, destination_path, tokenizer, f"builtin tasks (seed {seed})", test_split_size, max_seq_length, seed,
-        mask_inputs, prompt_style, skip_long,
+        records, destination_path, tokenizer, source=f"builtin tasks (seed {seed})", test_split_size=test_split_size,
+        max_seq_length=max_seq_length, seed=seed, mask_inputs=mask_inputs, prompt_style=prompt_style,
+        skip_long=skip_long,
     )
 
 

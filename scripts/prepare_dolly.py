@@ -41,8 +41,9 @@ def main(
         download(DATA_URL, data_file)
     records = load_records(data_file, input_field="context", output_field="response", task_field="category")
     prepare(
-        records, destination_path, tokenizer, str(data_file), test_split_size, max_seq_length, seed, mask_inputs,
-        prompt_style, skip_long,
+        records, destination_path, tokenizer, source=str(data_file), test_split_size=test_split_size,
+        max_seq_length=max_seq_length, seed=seed, mask_inputs=mask_inputs, prompt_style=prompt_style,
+        skip_long=skip_long,
     )
 
 

@@ -43,8 +43,9 @@ def main(
     tokenizer = load_tokenizer(checkpoint_dir, tokenizer_path)
     records = load_records(data_file, instruction_field, input_field, output_field, task_field)
     prepare(
-        records, destination_path, tokenizer, str(data_file), test_split_size, max_seq_length, seed, mask_inputs,
-        prompt_style, skip_long,
+        records, destination_path, tokenizer, source=str(data_file), test_split_size=test_split_size,
+        max_seq_length=max_seq_length, seed=seed, mask_inputs=mask_inputs, prompt_style=prompt_style,
+        skip_long=skip_long,
     )
 
 
