@@ -78,6 +78,8 @@ def mark_trainable(model: nn.Module, method: str) -> None:
 
 
 def read_finetune_config(finetuned_path: Union[str, Path]) -> dict:
+    if not Path(finetuned_path).is_file():
+        raise UserError(f"finetuned weights not found: {finetuned_path}")
     path = Path(finetuned_path).parent / FINETUNE_CONFIG_NAME
     if not path.is_file():
         raise UserError(f"no {FINETUNE_CONFIG_NAME} beside {finetuned_path}: it records how the weights were trained")

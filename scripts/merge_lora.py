@@ -16,7 +16,7 @@ from lit_llama.checkpoint import checkpoint_dir
 from lit_llama.cli import run_cli
 from lit_llama.convert import copy_tokenizer_files, write_checkpoint
 from lit_llama.errors import UserError
-from lit_llama.finetuned import load_finetuned
+from lit_llama.finetuned import load_finetuned, read_finetune_config
 
 
 def main(
@@ -31,11 +31,11 @@ def main(
         checkpoint_path: The base lit-llama.pth (default: the one recorded in finetune_config.json).
         output_dir: Where lit-llama.pth, model_config.json and the tokenizer files are written.
     """
+    base = checkpoint_path or read_finetune_config(lora_path).get("base_checkpoint")
+    if base is not None and Path(output_dir).resolve() == checkpoint_dir(base).resolve():
+        raise UserError(f"--output_dir {output_dir} is the base checkpoint's directory: choose another")
     # the stored dtype is kept (each merge is computed in fp32 and rounded once)
     model, tokenizer, record = load_finetuned(lora_path, checkpoint_path, method="lora")
-    base_dir = checkpoint_dir(checkpoint_path or record["base_checkpoint"])
-    if Path(output_dir).resolve() == base_dir.resolve():
-        raise UserError(f"--output_dir {output_dir} is the base checkpoint's directory: choose another")
     path = write_checkpoint(model.state_dict(), model.config, output_dir, source=str(lora_path))
     copied = copy_tokenizer_files(tokenizer.path.parent, output_dir)
     print(f"wrote {path}, model_config.json and {', '.join(copied)}; prompt style: {record['prompt_style']}")

@@ -141,6 +141,8 @@ def test_load_finetuned_refuses_weights_that_do_not_fit(lora_run, tmp_path):
     (lora_path.parent / "finetune_config.json").unlink()
     with pytest.raises(UserError, match="no finetune_config.json"):
         load_finetuned(lora_path, base_path)
+    with pytest.raises(UserError, match="finetuned weights not found"):
+        load_finetuned(tmp_path / "missing.pth", base_path)
 
 
 def test_merge_script_writes_a_standalone_checkpoint(lora_run, tmp_path, script):
