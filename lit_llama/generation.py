@@ -64,7 +64,9 @@ def generate(
     model.setup_kv_cache(batch_size=1, max_seq_length=total, device=device)
     try:
         vocab = model.config.vocab_size
-        logits = model(prompt_ids.to(device).unsqueeze(0), input_pos=0)[0, -1, :vocab]
+        # the prefill needs logits for the last position only: skip the output projection for the rest
+        features = model.features(prompt_ids.to(device).unsqueeze(0), input_pos=0)
+        logits = model.head(features[:, -1:])[0, -1, :vocab]
         position = prompt_length
         for _ in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p)

@@ -114,10 +114,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32 as the reference implementations do; bf16 loses too much here
+        # normalise in fp32 as the reference implementations do (bf16 loses too much here), scale in x's dtype
         x_fp32 = x.float()
         x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x_fp32 * self.weight.float()).to(x.dtype)
+        return self.weight * x_fp32.to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -272,9 +272,10 @@ class LLaMA(nn.Module):
                 f"sequence of {start + T} tokens exceeds the model's context of {limit} "
                 f"(block_size {self.config.block_size}, KV cache {self.max_seq_length})"
             )
-        cos, sin = self.rope_tables(idx.device)
-        cos, sin = cos[start : start + T], sin[start : start + T]
         x = self.transformer.wte(idx)
+        # cast once here rather than in every layer (a no-op in fp32)
+        cos, sin = self.rope_tables(idx.device)
+        cos, sin = cos[start : start + T].to(x.dtype), sin[start : start + T].to(x.dtype)
         for block in self.transformer.h:
             x = block(x, cos, sin, input_pos)
         return self.transformer.ln_f(x)
