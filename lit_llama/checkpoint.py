@@ -6,6 +6,7 @@ renamed into place, so an interrupted save never leaves a half-written checkpoin
 import json
 import os
 import pickle
+import re
 import sys
 import tempfile
 import zipfile
@@ -33,11 +34,18 @@ def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
         raise UserError(f"cannot write to {path.parent}: {error.strerror}") from None
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; a checkpoint is not a secret
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_torch(obj, path: Union[str, Path]) -> None:
@@ -58,8 +66,9 @@ def load_torch(path: Union[str, Path], mmap: bool = True):
     try:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise UserError(f"refusing to load {path}: it holds Python objects, not just tensors ({first_line})") from None
+        culprit = re.search(r"GLOBAL (\S+)", str(error))
+        what = f" such as {culprit.group(1)}" if culprit else ""
+        raise UserError(f"refusing to load {path}: it holds Python objects{what}, not just tensors") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
         raise UserError(f"{path} is truncated or corrupt and cannot be read ({type(error).__name__})") from None
 
