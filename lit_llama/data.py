@@ -262,6 +262,9 @@ def load_prepared(data_dir: Union[str, Path]) -> tuple[list[dict], list[dict], d
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{meta_path} is not valid JSON: {error}") from None
+    for name in ("train.pt", "test.pt"):
+        if not (data_dir / name).is_file():
+            raise UserError(f"{data_dir} has meta.json but no {name}: prepare the dataset again")
     return load_torch(data_dir / "train.pt"), load_torch(data_dir / "test.pt"), meta
 
 

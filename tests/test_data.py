@@ -162,6 +162,9 @@ def test_check_tokenizer_rejects_another_tokenizer(tmp_path, bpe_dir, sp_dir):
         check_tokenizer(meta, Tokenizer(sp_dir), tmp_path)
     with pytest.raises(UserError, match="no meta.json"):
         load_prepared(tmp_path / "missing")
+    (tmp_path / "test.pt").unlink()
+    with pytest.raises(UserError, match="has meta.json but no test.pt"):
+        load_prepared(tmp_path)
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path, bpe_dir, monkeypatch):
