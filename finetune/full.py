@@ -75,7 +75,9 @@ def main(
     train, val, meta, tokenizer = load_data(data_dir, checkpoint_path)
 
     fabric = setup_fabric(devices, num_nodes, precision, out_dir)
-    model, record = load_model(fabric, checkpoint_path, "full", {}, precision, meta, tokenizer, seed, activation_checkpointing)
+    model, record = load_model(
+        fabric, checkpoint_path, "full", {}, precision, meta, tokenizer, seed, activation_checkpointing
+    )
     fit(fabric, model, hparams, train, val, tokenizer, record, out_dir, "lit-llama-full-finetuned.pth", resume)
 
 

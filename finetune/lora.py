@@ -89,7 +89,9 @@ def main(
         group_by_length=group_by_length,
     )
     hparams.check(devices * num_nodes)
-    flags = dict(query=lora_query, key=lora_key, value=lora_value, projection=lora_projection, mlp=lora_mlp, head=lora_head)
+    flags = dict(
+        query=lora_query, key=lora_key, value=lora_value, projection=lora_projection, mlp=lora_mlp, head=lora_head
+    )
     lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=[t for t in LORA_TARGETS if flags[t]])
     precision = resolve_precision(precision)
     train, val, meta, tokenizer = load_data(data_dir, checkpoint_path)

@@ -27,7 +27,8 @@ def epoch_steps(
             i for start in range(0, len(order), chunk)
             for i in sorted(order[start : start + chunk], key=lambda i: lengths[i], reverse=True)
         ]
-    batches = [order[start : start + micro_batch_size] for start in range(0, len(order) - micro_batch_size + 1, micro_batch_size)]
+    starts = range(0, len(order) - micro_batch_size + 1, micro_batch_size)  # a last partial micro-batch sits out
+    batches = [order[start : start + micro_batch_size] for start in starts]
     if group_by_length:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
     n_steps = len(batches) // micro_batches_per_step

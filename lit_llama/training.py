@@ -198,8 +198,8 @@ def fit(
     label_tokens = [int((sample["labels"][1:] != IGNORE_INDEX).sum()) for sample in train]
     steps_per_epoch = len(train) // hp.micro_batch_size // micro_per_step
     if steps_per_epoch == 0:
-        raise UserError(f"the training set ({len(train)} samples) is smaller than one step (--batch_size {hp.batch_size})")
-    total_steps = hp.epochs * steps_per_epoch if hp.max_steps is None else min(hp.max_steps, hp.epochs * steps_per_epoch)
+        raise UserError(f"the training set ({len(train)} samples) is smaller than --batch_size {hp.batch_size}")
+    total_steps = min(hp.max_steps or math.inf, hp.epochs * steps_per_epoch)
     warmup = round(hp.warmup_epochs * steps_per_epoch) if hp.warmup_epochs else hp.warmup_steps
     vocab_size = model.config.vocab_size
     # gradients of LoRA/adapter weights are tiny: sync them once per step. Full finetuning syncs every micro-batch so
@@ -242,18 +242,12 @@ def fit(
                 lr = learning_rate(step, hp.learning_rate, warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                everyone = schedule[epoch_step]
+                everyone = schedule[epoch_step]  # this step's micro-batches, all ranks'
                 step_label_tokens = max(1, sum(label_tokens[i] for batch in everyone for i in batch))
-                mine = everyone[rank::world]
-                loss_total = torch.zeros((), device=fabric.device)
-                for micro, batch in enumerate(mine):
-                    input_ids, labels = fabric.to_device(collate([train[i] for i in batch]))
-                    with fabric.no_backward_sync(model, enabled=skip_sync and micro < len(mine) - 1):
-                        loss = loss_sum(model, input_ids, labels, vocab_size)
-                        # FSDP averages gradients over the ranks; this makes the result the gradient of the mean
-                        # over every label token of the step
-                        fabric.backward(loss * (world / step_label_tokens))
-                    loss_total += loss.detach()
+                loss_total = accumulate_gradients(
+                    fabric, model, [[train[i] for i in batch] for batch in everyone[rank::world]],
+                    step_label_tokens, skip_sync, vocab_size,
+                )
                 # the one sync per step: the step's mean loss over all ranks, and whether any rank was signalled
                 flag = torch.tensor(float(stop.signum is not None), device=fabric.device)
                 loss_total, stopping = fabric.all_reduce(torch.stack((loss_total, flag)), reduce_op="sum").tolist()
@@ -274,7 +268,8 @@ def fit(
                 if step % hp.log_interval == 0:
                     tokens_per_sec = tokens / (time.perf_counter() - clock)
                     metrics = {"train_loss": sum(losses) / len(losses), "learning_rate": lr}
-                    fabric.log_dict({**metrics, "tokens_per_sec": tokens_per_sec, "epoch": step / steps_per_epoch}, step)
+                    metrics |= {"tokens_per_sec": tokens_per_sec, "epoch": step / steps_per_epoch}
+                    fabric.log_dict(metrics, step)
                     bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
                     losses, tokens, clock = [], 0, time.perf_counter()
                 pause = time.perf_counter()
@@ -284,8 +279,8 @@ def fit(
                     last_saved = save_checkpoint(fabric, model, optimizer, hp, progress, out_dir)
                 if stopping:
                     name = signal.Signals(stop.signum).name if stop.signum else "a signal on another process"
-                    fabric.print(f"stopped by {name} after step {step}; saved {last_saved}: continue with --resume auto",
-                                 file=sys.stderr)
+                    message = f"stopped by {name} after step {step}; saved {last_saved}: continue with --resume auto"
+                    fabric.print(message, file=sys.stderr)
                     fabric.logger.finalize("interrupted")
                     raise SystemExit(128 + (stop.signum or signal.SIGTERM))
                 clock += time.perf_counter() - pause  # evaluation and saving do not count against tokens/s
@@ -301,6 +296,24 @@ def fit(
         print(f"saved {out_dir / final_name} (loss curve: {out_dir / 'loss.png'})", file=sys.stderr)
     fabric.logger.finalize("success")
     fabric.barrier()
+
+
+def accumulate_gradients(
+    fabric: Fabric, model, micro_batches: list[list[dict]], step_label_tokens: int, skip_sync: bool, vocab_size: int
+) -> torch.Tensor:
+    """Forward and backward over this rank's micro-batches of one optimizer step; returns their summed loss.
+
+    Each micro-batch's summed loss is scaled so that the accumulated gradient, after FSDP averages it over the
+    ranks, is the gradient of the mean loss over every label token of the step.
+    """
+    loss_total = torch.zeros((), device=fabric.device)
+    for micro, samples in enumerate(micro_batches):
+        input_ids, labels = fabric.to_device(collate(samples))
+        with fabric.no_backward_sync(model, enabled=skip_sync and micro < len(micro_batches) - 1):
+            loss = loss_sum(model, input_ids, labels, vocab_size)
+            fabric.backward(loss * (fabric.world_size / step_label_tokens))
+        loss_total += loss.detach()
+    return loss_total
 
 
 def learning_rate(step: int, peak: float, warmup: int) -> float:
@@ -361,7 +374,8 @@ def evaluate(
     per_rank = max(1, min(hp.eval_iters, len(batches)) // fabric.world_size)
     totals = torch.zeros(2, device=fabric.device)
     for i in range(per_rank):
-        input_ids, labels = fabric.to_device(collate(batches[(fabric.global_rank + i * fabric.world_size) % len(batches)]))
+        batch = batches[(fabric.global_rank + i * fabric.world_size) % len(batches)]
+        input_ids, labels = fabric.to_device(collate(batch))
         totals[0] += loss_sum(model, input_ids, labels, vocab_size)
         totals[1] += (labels[:, 1:] != IGNORE_INDEX).sum()
     loss_total, count = fabric.all_reduce(totals, reduce_op="sum").tolist()
@@ -370,7 +384,8 @@ def evaluate(
     model.train()
     fabric.log_dict({"val_loss": val_loss}, step)
     if fabric.global_rank == 0:
-        tqdm.write(f"step {step}: validation loss {val_loss:.4f}\n{SAMPLE_INSTRUCTION}\n> {response}\n", file=sys.stderr)
+        message = f"step {step}: validation loss {val_loss:.4f}\n{SAMPLE_INSTRUCTION}\n> {response}\n"
+        tqdm.write(message, file=sys.stderr)
     return val_loss
 
 
