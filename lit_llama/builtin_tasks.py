@@ -16,7 +16,9 @@ WORDS = (
     "pig plane plant queen rain red river road rock rose salt sand ship shoe silver sky snow song star stone "
     "storm sugar sun table tea tiger towel town train tree wall water whale wind window winter wolf wood yellow"
 ).split()
-NAMES = "Ann Ben Carl Dina Eva Finn Gina Hugo Ida Jack Kim Leo Mia Nora Omar Paul Rosa Sam Tina Uma Vera Will Zoe".split()
+NAMES = (
+    "Ann Ben Carl Dina Eva Finn Gina Hugo Ida Jack Kim Leo Mia Nora Omar Paul Rosa Sam Tina Uma Vera Will Zoe"
+).split()
 CITIES = "Oslo Paris Rome Lima Cairo Tokyo Berlin Madrid Dublin Vienna Prague Quito Delhi Seoul Accra Riga".split()
 COLORS = "red blue green black white orange purple yellow brown pink gray".split()
 PETS = "cat dog fish bird rabbit horse turtle hamster".split()

@@ -51,7 +51,8 @@ def download(url: str, path: Path) -> None:
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", None) or error
         raise UserError(
-            f"cannot download {url} ({reason}); without network, fetch it elsewhere and pass --data_file with the local copy"
+            f"cannot download {url} ({reason}); without network, fetch it elsewhere and pass --data_file with the "
+            "local copy"
         ) from None
 
 
@@ -120,7 +121,8 @@ def parse_csv(text: str, path: Path) -> list:
 def to_record(row, number: int, path: Path, fields: dict) -> dict:
     where = f"{path}, record {number}"
     if not isinstance(row, dict):
-        raise UserError(f"{where} is a {type(row).__name__}, expected an object with fields {', '.join(fields.values())}")
+        expected = ", ".join(fields.values())
+        raise UserError(f"{where} is a {type(row).__name__}, expected an object with fields {expected}")
     record = {}
     for key, field in fields.items():
         value = row.get(field)
@@ -140,7 +142,9 @@ def to_record(row, number: int, path: Path, fields: dict) -> dict:
 def split_records(records: list, test_size: int, seed: int, source: str) -> tuple[list, list]:
     """A seeded shuffle; the first `test_size` records are held out. Depends only on the records and the seed."""
     if not 0 <= test_size < len(records):
-        raise UserError(f"--test_split_size {test_size} must be below the number of records in {source} ({len(records)})")
+        raise UserError(
+            f"--test_split_size {test_size} must be below the number of records in {source} ({len(records)})"
+        )
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     return [records[i] for i in order[test_size:]], [records[i] for i in order[:test_size]]
@@ -199,7 +203,7 @@ def prepare(
     """Split, tokenize and write `records` into `destination_path`; returns the meta.json content."""
     style = PromptStyle.from_name(prompt_style)
     if max_seq_length < 2:
-        raise UserError(f"--max_seq_length {max_seq_length} is too small: a sample needs at least a prompt token and EOS")
+        raise UserError(f"--max_seq_length {max_seq_length} is too small: a sample needs a prompt token and EOS")
     if tokenizer.eos_id is None:
         raise UserError(f"tokenizer {tokenizer.path} defines no EOS token, so responses cannot be terminated")
     train, test = split_records(records, test_split_size, seed, source)

@@ -1,7 +1,8 @@
 """Prompt templates: how an (instruction, input) pair becomes the text the model continues with its response.
 
 Data preparation, finetuning and generation all use the same `PromptStyle`, so the model sees at inference exactly
-the prompt it was trained on. Add your own style with `register(PromptStyle("mine", with_input=..., without_input=...))`.
+the prompt it was trained on. Add your own style with
+`register(PromptStyle("mine", with_input=..., without_input=...))`.
 """
 from dataclasses import dataclass
 

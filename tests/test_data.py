@@ -22,11 +22,12 @@ from lit_llama.tokenizer import Tokenizer
 from tiny_tokenizers import make_byte_level_bpe, make_sentencepiece
 
 ALPACA = [
-    {"instruction": f"Name item {i} of the list.", "input": "" if i % 2 else f"a list of {i} things", "output": f"It is thing number {i}."}
+    {"instruction": f"Name item {i}.", "input": "" if i % 2 else f"a list of {i} things", "output": f"It is thing {i}."}
     for i in range(30)
 ]
 DOLLY = [
-    {"instruction": f"Summarise text {i}.", "context": "" if i % 3 else f"Some context {i}.", "response": f"Summary {i}.", "category": "summarization"}
+    {"instruction": f"Summarise text {i}.", "context": "" if i % 3 else f"Some context {i}.",
+     "response": f"Summary {i}.", "category": "summarization"}
     for i in range(20)
 ]
 
@@ -47,7 +48,8 @@ def write_json(path: Path, obj) -> Path:
 
 
 def prepare_records(records, destination, tokenizer, **overrides):
-    options = dict(test_split_size=5, max_seq_length=256, seed=42, mask_inputs=True, prompt_style="alpaca", skip_long=False)
+    options = dict(test_split_size=5, max_seq_length=256, seed=42, mask_inputs=True, prompt_style="alpaca",
+                   skip_long=False)
     options.update(overrides)
     return prepare(records, destination, tokenizer, "test records", **options)
 
@@ -74,7 +76,8 @@ def test_prompt_styles():
     assert chatml.apply("{input} {x}") == "<|im_start|>user\n{input} {x}<|im_end|>\n<|im_start|>assistant\n"
     with pytest.raises(UserError, match="unknown prompt style 'nope'"):
         PromptStyle.from_name("nope")
-    register(PromptStyle("test-qa", with_input="Q: {instruction} ({input})\nA: ", without_input="Q: {instruction}\nA: "))
+    register(PromptStyle("test-qa", with_input="Q: {instruction} ({input})\nA: ",
+                         without_input="Q: {instruction}\nA: "))
     try:
         assert PromptStyle.from_name("test-qa").apply("Why?", "now") == "Q: Why? (now)\nA: "
     finally:
@@ -194,7 +197,9 @@ def test_load_records_formats(tmp_path):
     assert records == [{"instruction": "Say hi, please", "input": "", "output": "hi"},
                        {"instruction": "Count", "input": "", "output": "1,2"}]
     jsonl_named_json = tmp_path / "lines.json"
-    jsonl_named_json.write_text('{"instruction": "a", "output": "b", "task": "t"}\n\n{"instruction": "c", "output": "d", "input": null}\n')
+    jsonl_named_json.write_text(
+        '{"instruction": "a", "output": "b", "task": "t"}\n\n{"instruction": "c", "output": "d", "input": null}\n'
+    )
     assert load_records(jsonl_named_json) == [{"instruction": "a", "input": "", "output": "b", "task": "t"},
                                               {"instruction": "c", "input": "", "output": "d"}]
 
@@ -204,7 +209,8 @@ def test_builtin_tasks_deterministic_distinct_and_balanced():
     assert records == generate(400, seed=7) != generate(400, seed=8)
     assert len({(r["instruction"], r["input"]) for r in records}) == 400
     assert {r["task"] for r in records} == set(TASKS) and all(isinstance(r["output"], str) for r in records)
-    assert max(sum(r["task"] == t for r in records) for t in TASKS) - min(sum(r["task"] == t for r in records) for t in TASKS) <= 1
+    per_task = [sum(r["task"] == task for r in records) for task in TASKS]
+    assert max(per_task) - min(per_task) <= 1
     by_task = {r["task"]: r for r in records}
     assert by_task["reverse_words"]["output"].split() == by_task["reverse_words"]["input"].split()[::-1]
     assert by_task["sort_words"]["output"].split() == sorted(by_task["sort_words"]["input"].split())
@@ -232,13 +238,17 @@ BAD_INPUTS = {
     "not a data file": ("data.txt", b"instruction,output\nx,y\n", "unsupported file type '.txt'"),
     "invalid json": ("data.json", b'[{"instruction": "x",', "is not valid JSON"),
     "invalid utf-8": ("data.json", b'[{"instruction": "caf\xe9", "output": "y"}]', "is not UTF-8"),
-    "missing field": ("data.json", b'[{"instruction": "a", "output": "b"}, {"instruction": "c"}]', "record 2 has no 'output'"),
-    "non-string field": ("data.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": 3}\n', "record 2: field 'output' must be a string, not int"),
-    "null field": ("data.json", b'[{"instruction": null, "output": "b"}]', "record 1: field 'instruction' must be a string, not null"),
+    "missing field": ("data.json", b'[{"instruction": "a", "output": "b"}, {"instruction": "c"}]',
+                      "record 2 has no 'output'"),
+    "non-string field": ("data.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": 3}\n',
+                         "record 2: field 'output' must be a string, not int"),
+    "null field": ("data.json", b'[{"instruction": null, "output": "b"}]',
+                   "record 1: field 'instruction' must be a string, not null"),
     "not an object": ("data.json", b'[{"instruction": "a", "output": "b"}, ["a", "b"]]', "record 2 is a list"),
     "empty dataset": ("data.json", b"[]", "holds no records"),
     "empty csv": ("data.csv", b"instruction,output\n", "holds no records"),
-    "test split too large": ("data.json", b'[{"instruction": "a", "output": "b"}]', "--test_split_size 1 must be below"),
+    "test split too large": ("data.json", b'[{"instruction": "a", "output": "b"}]',
+                             "--test_split_size 1 must be below"),
     "bad tokenizer path": ("data.json", b'[{"instruction": "a", "output": "b"}]', "tokenizer file not found"),
 }
 

@@ -18,7 +18,8 @@ def test_sentencepiece_round_trip_and_special_ids(tmp_path):
     assert tokenizer.encode(TEXT, bos=False).tolist() == ids[1:].tolist()
     assert tokenizer.encode(TEXT, eos=True)[-1] == 2
     assert tokenizer.decode(ids) == TEXT
-    assert tokenizer.encode_batch([TEXT, "tree"], bos=False) == [ids[1:].tolist(), tokenizer.encode("tree", bos=False).tolist()]
+    tree = tokenizer.encode("tree", bos=False).tolist()
+    assert tokenizer.encode_batch([TEXT, "tree"], bos=False) == [ids[1:].tolist(), tree]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
     assert Tokenizer(tmp_path).encode(TEXT)[0] != 1  # the config can switch BOS off
 
