@@ -1,8 +1,9 @@
 """LoRA training throughput and peak RAM: lit-llama vs Hugging Face transformers + PEFT vs litgpt, on the same work.
 
-Same weights (our checkpoint, converted to HF with scripts/convert_lit_checkpoint.py and from HF to litgpt with
-`litgpt convert_to_litgpt`'s function), the same pre-tokenized samples in the same order (no tokenizer differences), LoRA r=8
-alpha=16 dropout=0.05 on q and v, micro-batch 4 with dynamic padding, AdamW, bf16 weights, the same torch threads.
+Same weights (our checkpoint, converted to HF with scripts/convert_lit_checkpoint.py, and from HF to litgpt by
+what `litgpt convert_to_litgpt` runs), the same pre-tokenized samples in the same order (no tokenizer differences),
+LoRA r=8 alpha=16 dropout=0.05 on q and v, micro-batch 4 with dynamic padding, AdamW, bf16 weights, the same
+number of torch threads.
 Each measurement is a fresh subprocess (so peak RSS is that tool's alone), and the tools are interleaved
 A B C A B C ... so drifting load on a shared machine hits all of them alike. The runners are in benchmarks/peers/;
 the peers run in their own venv (see benchmarks/README.md).
@@ -53,9 +54,10 @@ def prepared_samples(data_file: Path, count: int, seed: int) -> list[dict]:
 def prepare_weights(checkpoint_dir: Path, work_dir: Path, peers_python: Path, litgpt_model_name: str) -> dict:
     """Each tool's copy of the same weights: lit-llama's checkpoint, its HF conversion, HF -> litgpt."""
     hf_dir, litgpt_dir = work_dir / "hf", work_dir / "litgpt"
-    source = weights_path(checkpoint_dir)
-    if not (hf_dir / "model.safetensors").is_file() or source.stat().st_mtime > (hf_dir / "model.safetensors").stat().st_mtime:
-        run([sys.executable, REPO / "scripts/convert_lit_checkpoint.py", "--checkpoint_path", source, "--output_dir", hf_dir])
+    source, hf_weights = weights_path(checkpoint_dir), hf_dir / "model.safetensors"
+    if not hf_weights.is_file() or source.stat().st_mtime > hf_weights.stat().st_mtime:  # new or stale
+        converter = REPO / "scripts" / "convert_lit_checkpoint.py"
+        run([sys.executable, converter, "--checkpoint_path", source, "--output_dir", hf_dir])
         shutil.rmtree(litgpt_dir, ignore_errors=True)
     if not (litgpt_dir / "lit_model.pth").is_file():
         litgpt_dir.mkdir(parents=True, exist_ok=True)
@@ -70,10 +72,11 @@ def prepare_weights(checkpoint_dir: Path, work_dir: Path, peers_python: Path, li
 
 
 def run(command: list, capture: bool = False) -> str:
-    result = subprocess.run([str(c) for c in command], cwd=REPO, text=True, capture_output=capture)
+    """Run a command; on failure a UserError naming it, with the end of its stderr when captured."""
+    result = subprocess.run([str(c) for c in command], text=True, capture_output=capture)
     if result.returncode != 0:
-        detail = (result.stderr or "").strip().splitlines()[-20:] if capture else []
-        raise UserError(f"{' '.join(map(str, command))[:120]} failed (exit {result.returncode})" + "".join("\n  " + l for l in detail))
+        tail = "".join("\n  " + line for line in (result.stderr or "").strip().splitlines()[-20:])
+        raise UserError(f"{' '.join(map(str, command))[:120]} failed (exit {result.returncode}){tail}")
     return result.stdout
 
 
@@ -105,7 +108,9 @@ def summarize(results: list[dict], tools: list[str]) -> dict:
             summary[tool]["ours_speedup_per_round_min"] = min(per_round)
             summary[tool]["ours_speedup_per_round_max"] = max(per_round)
             summary[tool]["ours_rss_ratio"] = ours["peak_rss_mb_median"] / summary[tool]["peak_rss_mb_median"]
-            summary[tool]["ours_training_rss_ratio"] = ours["training_rss_mb_median"] / summary[tool]["training_rss_mb_median"]
+            summary[tool]["ours_training_rss_ratio"] = (
+                ours["training_rss_mb_median"] / summary[tool]["training_rss_mb_median"]
+            )
     return summary
 
 
@@ -118,10 +123,12 @@ def markdown_table(summary: dict) -> str:
     for tool, s in summary.items():
         speedup, ratio = "-", "-"
         if "ours_speedup_median" in s:
-            speedup = f"{s['ours_speedup_median']:.2f}x ({s['ours_speedup_per_round_min']:.2f}-{s['ours_speedup_per_round_max']:.2f})"
+            low, high = s["ours_speedup_per_round_min"], s["ours_speedup_per_round_max"]
+            speedup = f"{s['ours_speedup_median']:.2f}x ({low:.2f}-{high:.2f})"
             ratio = f"{s['ours_rss_ratio']:.2f} / {s['ours_training_rss_ratio']:.2f}"
         lines.append(
-            f"| {tool} | {s['tokens_per_s_median']:.1f} ({s['tokens_per_s_min']:.1f}-{s['tokens_per_s_max']:.1f}) | {speedup} | "
+            f"| {tool} | {s['tokens_per_s_median']:.1f} ({s['tokens_per_s_min']:.1f}-{s['tokens_per_s_max']:.1f}) | "
+            f"{speedup} | "
             f"{s['peak_rss_mb_median']:.0f} ({s['peak_rss_mb_min']:.0f}-{s['peak_rss_mb_max']:.0f}) | "
             f"{s['training_rss_mb_median']:.0f} | {ratio} |"
         )
@@ -189,12 +196,14 @@ def main(
             results.append(result)
             print(
                 f"round {round_index + 1}/{rounds} {tool:10s} {result['tokens_per_s']:8.1f} tok/s  "
-                f"peak RSS {result['peak_rss_mb']:6.0f} MB (training {result['training_rss_mb']:6.0f})  first loss {result['first_loss']:.4f}",
+                f"peak RSS {result['peak_rss_mb']:6.0f} MB (training {result['training_rss_mb']:6.0f})  "
+                f"first loss {result['first_loss']:.4f}",
                 file=sys.stderr, flush=True,
             )
     summary = summarize(results, tools)
     save_json({"summary": summary, "results": results}, work_dir / "results.json")
     print(markdown_table(summary))
+
 
 if __name__ == "__main__":
     run_cli(main)

@@ -123,7 +123,9 @@ def predict(m: dict, config: Config, tokens: int, activation_checkpointing: bool
     return {**parts, "total": sum(parts.values())}
 
 
-def measure_step(config: Config, micro_batch: int, seq_length: int, activation_checkpointing: bool, threads: int) -> dict:
+def measure_step(
+    config: Config, micro_batch: int, seq_length: int, activation_checkpointing: bool, threads: int
+) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = random_lora_model(config, 8, 16, "cpu", activation_checkpointing)
