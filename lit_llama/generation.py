@@ -74,6 +74,7 @@ def generate(
             yield token_id
             if token_id in stop_ids or position + 1 >= total:
                 return
+            # the decode step: the only call through model.forward, so `torch.compile(model)` compiles just this
             logits = model(token.view(1, 1), input_pos=position)[0, -1, :vocab]
             position += 1
     finally:
