@@ -81,7 +81,8 @@ def test_lora_script_from_the_command_line(inputs, tmp_path, single_thread):
     run_script("finetune/lora.py", *as_args(options), "--learning_rate=0.02", "--warmup_steps=0", *targets, check=True)
     weights = check_run("lora", out_dir, checkpoint_path, data_dir, steps=6, save_interval=4)
     assert {k.rsplit(".", 1)[-1] for k in weights} == {"lora_A", "lora_B"}
-    assert {k.split(".")[-2] for k in weights} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    layers = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {k.split(".")[-2] for k in weights} == layers
     assert all(w.dtype == torch.float32 for w in weights.values())
 
 
@@ -96,7 +97,8 @@ def test_lora_script_from_the_command_line(inputs, tmp_path, single_thread):
 def test_adapter_and_full_scripts(method, options, inputs, tmp_path, single_thread):
     checkpoint_path, data_dir = inputs
     out_dir = tmp_path / "out"
-    finetune_main(method)(**settings(checkpoint_path, data_dir, out_dir, max_steps=4, eval_interval=4, save_interval=2), **options)
+    run = settings(checkpoint_path, data_dir, out_dir, max_steps=4, eval_interval=4, save_interval=2)
+    finetune_main(method)(**run, **options)
     weights = check_run(method, out_dir, checkpoint_path, data_dir, steps=4, save_interval=2)
     if method == "full":
         assert weights.keys() == load(checkpoint_path)[0].state_dict().keys()

@@ -11,7 +11,8 @@ from tiny_runs import as_args, finetune_main, make_inputs, settings, single_thre
 def losses(out_dir) -> dict:
     with open(out_dir / "logs" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return {(row["step"], "val" if row["val_loss"] else "train"): float(row["val_loss"] or row["train_loss"]) for row in rows}
+    return {(row["step"], "val" if row["val_loss"] else "train"): float(row["val_loss"] or row["train_loss"])
+            for row in rows}
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

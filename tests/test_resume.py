@@ -57,7 +57,7 @@ def test_resume_refuses_a_different_batch_size_and_missing_files(inputs, tmp_pat
     with pytest.raises(UserError, match="--batch_size 8"):
         main(**settings(checkpoint_path, data_dir, tmp_path / "out", batch_size=4, max_steps=3, resume="auto"))
     with pytest.raises(UserError, match="no resume checkpoint"):
-        main(**settings(checkpoint_path, data_dir, tmp_path / "out", resume=str(tmp_path / "out" / "iter-000009-ckpt.pth")))
+        main(**settings(checkpoint_path, data_dir, tmp_path / "out", resume=str(tmp_path / "out" / "iter-9-ckpt.pth")))
     # an explicit checkpoint path works as well as "auto"
     explicit = str(tmp_path / "out" / "iter-000002-ckpt.pth")
     main(**settings(checkpoint_path, data_dir, tmp_path / "out", max_steps=3, resume=explicit))
