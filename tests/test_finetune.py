@@ -72,16 +72,16 @@ def check_run(method: str, out_dir: Path, checkpoint_path: Path, data_dir: Path,
 
 
 def test_lora_script_from_the_command_line(inputs, tmp_path, single_thread):
-    """Every target layer, default precision (bf16 base with fp32 LoRA weights), through the CLI."""
+    """All six targets, default precision (bf16 base with fp32 LoRA weights), through the CLI."""
     checkpoint_path, data_dir = inputs
     out_dir = tmp_path / "out"
     options = settings(checkpoint_path, data_dir, out_dir, max_steps=6, eval_interval=6, save_interval=4)
     del options["precision"]
-    targets = ["--lora_query=true", "--lora_key=true", "--lora_value=true", "--lora_projection=true", "--lora_mlp=true"]
+    targets = [f"--lora_{t}=true" for t in ("query", "key", "value", "projection", "mlp", "head")]
     run_script("finetune/lora.py", *as_args(options), "--learning_rate=0.02", "--warmup_steps=0", *targets, check=True)
     weights = check_run("lora", out_dir, checkpoint_path, data_dir, steps=6, save_interval=4)
     assert {k.rsplit(".", 1)[-1] for k in weights} == {"lora_A", "lora_B"}
-    layers = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    layers = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
     assert {k.split(".")[-2] for k in weights} == layers
     assert all(w.dtype == torch.float32 for w in weights.values())
 
@@ -102,6 +102,17 @@ def test_adapter_and_full_scripts(method, options, inputs, tmp_path, single_thre
     weights = check_run(method, out_dir, checkpoint_path, data_dir, steps=4, save_interval=2)
     if method == "full":
         assert weights.keys() == load(checkpoint_path)[0].state_dict().keys()
+
+
+def test_lora_on_a_grouped_query_model_with_tied_embeddings(tmp_path, single_thread):
+    checkpoint_path, data_dir = make_inputs(tmp_path / "gqa", name="tiny-gqa")
+    targets = dict(lora_key=True, lora_projection=True, lora_mlp=True, learning_rate=0.02, warmup_steps=0)
+    run = settings(checkpoint_path, data_dir, tmp_path / "out", max_steps=4, eval_interval=4, save_interval=2)
+    finetune_main("lora")(**run, **targets)
+    weights = check_run("lora", tmp_path / "out", checkpoint_path, data_dir, steps=4, save_interval=2)
+    assert weights["transformer.h.0.attn.k_proj.lora_B"].shape == (32, 8)  # 2 KV groups of 16: narrower than q
+    with pytest.raises(UserError, match="tied"):
+        finetune_main("lora")(**settings(checkpoint_path, data_dir, tmp_path / "head"), lora_head=True)
 
 
 def test_masked_loss_equals_the_full_logits_loss(inputs, single_thread):
