@@ -86,11 +86,11 @@ def summarize(results: list[dict], tools: list[str]) -> dict:
     for tool in tools:
         rows = [r for r in results if r["tool"] == tool]
         speeds, rss = [r["tokens_per_s"] for r in rows], [r["peak_rss_mb"] for r in rows]
-        training_rss = [r["training_rss_mb"] for r in rows]
+        between_steps_rss = [r["rss_between_steps_mb"] for r in rows]
         summary[tool] = dict(
             tokens_per_s_median=statistics.median(speeds), tokens_per_s_min=min(speeds), tokens_per_s_max=max(speeds),
             peak_rss_mb_median=statistics.median(rss), peak_rss_mb_min=min(rss), peak_rss_mb_max=max(rss),
-            training_rss_mb_median=statistics.median(training_rss),
+            rss_between_steps_mb_median=statistics.median(between_steps_rss),
             first_loss=rows[0]["first_loss"], rounds=len(rows),
         )
     if "lit-llama" in summary:
@@ -108,8 +108,8 @@ def summarize(results: list[dict], tools: list[str]) -> dict:
             summary[tool]["ours_speedup_per_round_min"] = min(per_round)
             summary[tool]["ours_speedup_per_round_max"] = max(per_round)
             summary[tool]["ours_rss_ratio"] = ours["peak_rss_mb_median"] / summary[tool]["peak_rss_mb_median"]
-            summary[tool]["ours_training_rss_ratio"] = (
-                ours["training_rss_mb_median"] / summary[tool]["training_rss_mb_median"]
+            summary[tool]["ours_between_steps_rss_ratio"] = (
+                ours["rss_between_steps_mb_median"] / summary[tool]["rss_between_steps_mb_median"]
             )
     return summary
 
@@ -117,7 +117,7 @@ def summarize(results: list[dict], tools: list[str]) -> dict:
 def markdown_table(summary: dict) -> str:
     lines = [
         "| tool | tokens/s median (min-max) | lit-llama speed-up median (per-round min-max) | peak RSS MB median "
-        "(min-max) | RSS while training MB | lit-llama RSS ratio peak / training |",
+        "(min-max) | RSS between steps MB | lit-llama RSS ratio peak / between steps |",
         "|---|---|---|---|---|---|",
     ]
     for tool, s in summary.items():
@@ -125,12 +125,12 @@ def markdown_table(summary: dict) -> str:
         if "ours_speedup_median" in s:
             low, high = s["ours_speedup_per_round_min"], s["ours_speedup_per_round_max"]
             speedup = f"{s['ours_speedup_median']:.2f}x ({low:.2f}-{high:.2f})"
-            ratio = f"{s['ours_rss_ratio']:.2f} / {s['ours_training_rss_ratio']:.2f}"
+            ratio = f"{s['ours_rss_ratio']:.2f} / {s['ours_between_steps_rss_ratio']:.2f}"
         lines.append(
             f"| {tool} | {s['tokens_per_s_median']:.1f} ({s['tokens_per_s_min']:.1f}-{s['tokens_per_s_max']:.1f}) | "
             f"{speedup} | "
             f"{s['peak_rss_mb_median']:.0f} ({s['peak_rss_mb_min']:.0f}-{s['peak_rss_mb_max']:.0f}) | "
-            f"{s['training_rss_mb_median']:.0f} | {ratio} |"
+            f"{s['rss_between_steps_mb_median']:.0f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -196,7 +196,7 @@ def main(
             results.append(result)
             print(
                 f"round {round_index + 1}/{rounds} {tool:10s} {result['tokens_per_s']:8.1f} tok/s  "
-                f"peak RSS {result['peak_rss_mb']:6.0f} MB (training {result['training_rss_mb']:6.0f})  "
+                f"peak RSS {result['peak_rss_mb']:6.0f} MB (between steps {result['rss_between_steps_mb']:6.0f})  "
                 f"first loss {result['first_loss']:.4f}",
                 file=sys.stderr, flush=True,
             )

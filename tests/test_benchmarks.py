@@ -46,7 +46,7 @@ def test_batches_pad_dynamically_and_shift_targets():
 
 def test_summarize_reports_medians_and_paired_ratios():
     results = [
-        dict(tool=tool, tokens_per_s=speed, peak_rss_mb=rss, training_rss_mb=rss / 2, first_loss=1.0)
+        dict(tool=tool, tokens_per_s=speed, peak_rss_mb=rss, rss_between_steps_mb=rss / 2, first_loss=1.0)
         for tool, speed, rss in [
             ("lit-llama", 30, 100), ("hf+peft", 10, 200), ("lit-llama", 20, 100), ("hf+peft", 20, 200),
             ("lit-llama", 40, 100), ("hf+peft", 20, 100),

@@ -87,13 +87,14 @@ def measure(tool: str, train_step: Callable[[dict], float], args: argparse.Names
     start = time.perf_counter()
     for batch in timed:
         losses.append(train_step(batch))
-        rss.append(current_rss_mb())  # reading /proc is microseconds: no effect on the timing
+        rss.append(current_rss_mb())  # microseconds: no effect on the timing
     seconds = time.perf_counter() - start
     useful = sum(batch["useful_tokens"] for batch in timed)
     result = dict(
         tool=tool, tokens_per_s=useful / seconds, seconds=seconds, useful_tokens=useful,
         padded_tokens=sum(batch["inputs"].numel() for batch in timed), steps=args.steps, first_loss=losses[0],
-        last_loss=losses[-1], peak_rss_mb=peak_rss_mb(), rss_before_training_mb=rss_before, training_rss_mb=max(rss),
+        last_loss=losses[-1], peak_rss_mb=peak_rss_mb(), rss_before_training_mb=rss_before,
+        rss_between_steps_mb=max(rss),
         torch=torch.__version__, threads=torch.get_num_threads(),
         **details,
     )
