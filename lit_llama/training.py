@@ -45,7 +45,7 @@ from lit_llama.errors import UserError
 from lit_llama.finetuned import FINETUNE_CONFIG_NAME, apply_method, finetune_config, mark_trainable
 from lit_llama.generation import generate
 from lit_llama.model import LLaMA
-from lit_llama.precision import autocast_dtype, resolve_precision, weights_dtype
+from lit_llama.precision import autocast_dtype, weights_dtype
 from lit_llama.prompts import PromptStyle
 from lit_llama.tokenizer import Tokenizer
 
