@@ -84,6 +84,12 @@ def test_lora_script_from_the_command_line(inputs, tmp_path, single_thread):
     layers = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
     assert {k.split(".")[-2] for k in weights} == layers
     assert all(w.dtype == torch.float32 for w in weights.values())
+    if (REPO / "generate" / "lora.py").is_file():  # the generate script reads what the finetune script wrote
+        result = run_script(
+            "generate/lora.py", "--lora_path", out_dir / FINAL["lora"], "--max_new_tokens=4", "--temperature=0",
+            check=True,
+        )
+        assert "tokens/sec" in result.stderr
 
 
 @pytest.mark.parametrize(
