@@ -96,7 +96,7 @@ def test_lora_script_from_the_command_line(inputs, tmp_path, single_thread):
     "method, options",
     [
         ("adapter", dict(learning_rate=0.1, warmup_epochs=0, adapter_start_layer=1)),
-        ("adapter_v2", dict(learning_rate=0.05, warmup_epochs=0, adapter_start_layer=1)),
+        ("adapter_v2", dict(learning_rate=0.05, warmup_epochs=0, adapter_start_layer=1, group_by_length=True)),
         ("full", dict(learning_rate=0.003, warmup_steps=0)),
     ],
 )
