@@ -20,24 +20,23 @@ from lit_llama.precision import autocast_dtype, resolve_precision, weights_dtype
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.8, top_k: Optional[int] = 200, top_p: float = 1.0) -> torch.Tensor:
-    """Pick the next token from logits of shape (vocab,). Temperature 0 or top_k 1 is greedy."""
+    """Pick the next token from logits of shape (..., vocab) -> (..., 1). Temperature 0 or top_k 1 is greedy."""
     if temperature <= 0 or top_k == 1:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
-        kth_largest = torch.topk(logits, top_k).values[-1]
+        kth_largest = torch.topk(logits, top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # drop a token once the tokens ranked above it already hold top_p of the mass; the first always stays
         drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
-        logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1)
 
 
-@torch.inference_mode()
 def generate(
     model: LLaMA,
     prompt_ids: torch.Tensor,
@@ -53,7 +52,25 @@ def generate(
     The KV cache is sized to prompt + new tokens; a request longer than the model's context is refused.
     """
     stop_ids = set(stop_ids or ()) | ({eos_id} if eos_id is not None else set())
-    prompt_length = prompt_ids.size(0)
+    for tokens in generate_batch(model, prompt_ids.unsqueeze(0), max_new_tokens, temperature, top_k, top_p, stop_ids):
+        yield int(tokens[0])
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: LLaMA,
+    prompts: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    top_p: float = 1.0,
+    stop_ids: Optional[set] = None,
+) -> Iterator[torch.Tensor]:
+    """Continue B prompts of equal length (B, T) together, yielding one (B,) tensor of new tokens per step,
+    until every row has produced a stop token or `max_new_tokens` are made. A row's tokens after its own stop
+    token are filler to be ignored. On a CPU a decode step costs about the same for 16 rows as for one.
+    """
+    batch_size, prompt_length = prompts.shape
     total = prompt_length + max_new_tokens
     if total > model.config.block_size:
         raise ValueError(
@@ -61,22 +78,22 @@ def generate(
             f"context of {model.config.block_size} tokens"
         )
     device = model.transformer.wte.weight.device
-    model.setup_kv_cache(batch_size=1, max_seq_length=total, device=device)
+    stop = torch.tensor(sorted(stop_ids or ()), dtype=torch.long, device=device)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    model.setup_kv_cache(batch_size=batch_size, max_seq_length=total, device=device)
     try:
         vocab = model.config.vocab_size
         # the prefill needs logits for the last position only: skip the output projection for the rest
-        features = model.features(prompt_ids.to(device).unsqueeze(0), input_pos=0)
-        logits = model.head(features[:, -1:])[0, -1, :vocab]
-        position = prompt_length
-        for _ in range(max_new_tokens):
-            token = sample(logits, temperature, top_k, top_p)
-            token_id = int(token)
-            yield token_id
-            if token_id in stop_ids or position + 1 >= total:
+        features = model.features(prompts.to(device), input_pos=0)
+        logits = model.head(features[:, -1])[:, :vocab]
+        for position in range(prompt_length, total):
+            tokens = sample(logits, temperature, top_k, top_p)
+            yield tokens[:, 0]
+            finished |= torch.isin(tokens[:, 0], stop)
+            if bool(finished.all()) or position + 1 >= total:
                 return
             # the decode step: the only call through model.forward, so `torch.compile(model)` compiles just this
-            logits = model(token.view(1, 1), input_pos=position)[0, -1, :vocab]
-            position += 1
+            logits = model(tokens, input_pos=position)[:, -1, :vocab]
     finally:
         model.clear_kv_cache()
 

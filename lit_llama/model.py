@@ -242,9 +242,14 @@ class LLaMA(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
+        # nn.Embedding's N(0, 1) init, skipped on the meta device: there normal_ imports torch's compiler (seconds)
+        vocab, width = config.padded_vocab_size, config.n_embd
+        wte = nn.Embedding(vocab, width, _weight=torch.empty(vocab, width))
+        if not wte.weight.is_meta:
+            nn.init.normal_(wte.weight)
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wte=wte,
                 h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
                 ln_f=RMSNorm(config.n_embd, eps=config.norm_eps),
             )

@@ -17,9 +17,11 @@ from lit_llama.checkpoint import load, save_json
 from lit_llama.cli import run_cli
 from lit_llama.errors import UserError
 from lit_llama.finetuned import load_finetuned
-from lit_llama.generation import generate
+from lit_llama.generation import generate_batch
 from lit_llama.precision import resolve_precision, weights_dtype
 from lit_llama.prompts import PromptStyle
+
+ANSWER_SLACK_TOKENS = 4  # room for a different tokenization of the same text, and for the stop token
 
 
 def main(
@@ -30,6 +32,7 @@ def main(
     prompt_style: Optional[str] = None,
     max_records: Optional[int] = None,
     max_new_tokens: int = 48,
+    batch_size: int = 16,
     precision: Optional[str] = None,
     output_json: Path = Path("out/evaluation.json"),
 ) -> None:
@@ -44,7 +47,9 @@ def main(
             output and task (optional) fields.
         prompt_style: the prompt template; default: the finetuning's, else the dataset's, else alpaca.
         max_records: evaluate only the first N records.
-        max_new_tokens: the longest answer generated.
+        max_new_tokens: the longest answer generated (generation also stops a few tokens past the reference's
+            length, where an exact match is no longer possible).
+        batch_size: how many records with prompts of equal length are answered together.
         precision: Fabric precision name; default bf16 where supported.
         output_json: where the per-record answers and the scores are written.
     """
@@ -60,19 +65,37 @@ def main(
         trained_style = finetune_config.get("prompt_style")
     style = PromptStyle.from_name(prompt_style or trained_style or dataset_prompt_style(data_dir, data_file))
 
+    # records whose prompts have the same token length are answered together, one decode step for the whole group
+    prompts = [tokenizer.encode(style.apply(r["instruction"], r.get("input", ""))) for r in records]
+    # an answer much longer than the reference cannot match it: stop there instead of letting the model ramble
+    budgets = [min(max_new_tokens, len(tokenizer.encode(r["output"], bos=False)) + ANSWER_SLACK_TOKENS) for r in records]
+    by_length = defaultdict(list)
+    for i, prompt in enumerate(prompts):
+        by_length[prompt.size(0)].append(i)
+    groups = [same[k : k + batch_size] for same in by_length.values() for k in range(0, len(same), batch_size)]
+    answers = {}
+    start = time.perf_counter()
+    with tqdm(total=len(records), desc="evaluating", unit="record", file=sys.stderr) as bar:
+        for group in groups:
+            steps = generate_batch(model, torch.stack([prompts[i] for i in group]), max(budgets[i] for i in group),
+                                   temperature=0, stop_ids=tokenizer.stop_ids)
+            rows = torch.stack(list(steps), dim=1).tolist()
+            for i, row in zip(group, rows):
+                row = row[: budgets[i]]
+                cut = next((n for n, token in enumerate(row) if token in tokenizer.stop_ids), len(row))
+                answers[i] = tokenizer.decode(row[:cut]).strip()
+            bar.update(len(group))
+
     results = []
     correct_by_task, total_by_task = defaultdict(int), defaultdict(int)
-    start = time.perf_counter()
-    for record in tqdm(records, desc="evaluating", unit="record", file=sys.stderr):
-        prompt_ids = tokenizer.encode(style.apply(record["instruction"], record.get("input", "")))
-        answer_ids = list(generate(model, prompt_ids, max_new_tokens, temperature=0, stop_ids=tokenizer.stop_ids))
-        answer_ids = [i for i in answer_ids if i not in tokenizer.stop_ids]
-        answer = tokenizer.decode(answer_ids).strip()
-        exact = answer == record["output"].strip()
+    for i, record in enumerate(records):
+        exact = answers[i] == record["output"].strip()
         task = record.get("task", "all")
         correct_by_task[task] += exact
         total_by_task[task] += 1
-        results.append({"task": task, "input": record.get("input", ""), "expected": record["output"], "answer": answer, "exact": exact})
+        results.append(
+            {"task": task, "input": record.get("input", ""), "expected": record["output"], "answer": answers[i], "exact": exact}
+        )
 
     scores = {task: 100.0 * correct_by_task[task] / total_by_task[task] for task in sorted(total_by_task)}
     overall = 100.0 * sum(correct_by_task.values()) / len(records)

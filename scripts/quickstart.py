@@ -128,8 +128,8 @@ def summary(out_dir: Path, weights: Path, lora_weights: Path, lora_dir: Path, tr
     print(f"| {'overall (' + str(after['records']) + ' records)':<24} | {before['exact_match']:6.1f}% | "
           f"{after['exact_match']:6.1f}% | {gain:+6.1f} |")
     print()
-    print(f"trainable parameters     {lora_params:,} of {total_params + lora_params:,} "
-          f"({100 * lora_params / total_params:.2f}%)")
+    total_params += lora_params
+    print(f"trainable parameters     {lora_params:,} of {total_params:,} ({100 * lora_params / total_params:.2f}%)")
     print(f"checkpoint size          LoRA {size_mb(lora_weights):.1f} MB vs base {size_mb(weights):.1f} MB")
     rate = f", {sum(tokens_per_sec) / len(tokens_per_sec):,.0f} tokens/s" if tokens_per_sec else ""
     print(f"training                 {training_seconds:.0f} s{rate}")

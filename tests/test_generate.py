@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lit_llama.checkpoint import save_config, save_torch
-from lit_llama.generation import Runtime, generate, sample, stream_text
+from lit_llama.generation import Runtime, generate, generate_batch, sample, stream_text
 from lit_llama.model import LLaMA, Config
 from lit_llama.tokenizer import Tokenizer
 from tiny_tokenizers import make_byte_level_bpe, make_sentencepiece
@@ -41,6 +41,18 @@ def test_kv_cache_generation_equals_full_recompute(name, prompt_length):
     assert with_cache == greedy_without_cache(model, prompt, 24)
     assert len(set(with_cache)) > 1  # a degenerate model repeating one token would prove little
     assert all(block.attn.kv_cache is None for block in model.transformer.h)  # the cache is released afterwards
+
+
+def test_batched_generation_equals_one_prompt_at_a_time():
+    model = tiny_model("tiny-gqa")
+    prompts = torch.randint(0, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(2))
+    alone = [list(generate(model, prompt, 12, temperature=0.0)) for prompt in prompts]
+    stop = alone[1][4]  # row 1 stops early (at its 5th token); the others run on
+    batched = torch.stack(list(generate_batch(model, prompts, 12, temperature=0.0, stop_ids={stop}))).T.tolist()
+    assert len(batched[0]) == 12 or stop in batched[0]
+    for row, reference in zip(batched, alone):
+        end = row.index(stop) + 1 if stop in row else len(row)
+        assert row[:end] == reference[:end]
 
 
 def test_greedy_settings_agree():
