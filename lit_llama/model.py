@@ -202,7 +202,12 @@ class CausalSelfAttention(nn.Module):
         B, _, T, _ = q.shape
         gqa = self.config.n_query_groups != self.config.n_head
         if input_pos is None or self.kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+                # torch's fused CPU attention is 2-3x slower in bf16 than in fp32 (BENCHMARKS.md): upcast around it
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=gqa)
+                y = y.to(q.dtype)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
             if T == 1:  # one new token sees every cached position: no mask needed
