@@ -44,4 +44,5 @@ def test_two_processes_match_one(method, tmp_path, single_thread):
     assert weights_one.keys() == weights_two.keys()  # whole tensors gathered from the shards
     for key in weights_one:
         torch.testing.assert_close(weights_two[key], weights_one[key], rtol=1e-4, atol=1e-5)
-    assert not torch.equal(weights_one[key], torch.load(tmp_path / "one" / "iter-000002-ckpt.pth")[key])
+    earlier = torch.load(tmp_path / "one" / "iter-000002-ckpt.pth", weights_only=True)
+    assert not torch.equal(weights_one[key], earlier[key])
