@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import run_script
 from lit_llama.adapter_v2 import add_adapter_v2, init_adapter_v2_weights
