@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from lit_llama.checkpoint import load, save_json
+from lit_llama.data import load_records
 from lit_llama.cli import run_cli
-from lit_llama.errors import UserError
 from lit_llama.finetuned import load_finetuned
 from lit_llama.generation import generate_batch
 from lit_llama.precision import resolve_precision, weights_dtype
@@ -43,7 +43,7 @@ def main(
         finetuned_path: a LoRA, adapter or full finetuning checkpoint (finetune_config.json beside it); omit
             to evaluate the base model.
         data_dir: a prepared dataset; its test.json holds the held-out records.
-        data_file: instead of data_dir, your own JSON list of records with instruction, input (optional),
+        data_file: instead of data_dir, your own JSON, JSONL or CSV records with instruction, input (optional),
             output and task (optional) fields.
         prompt_style: the prompt template; default: the finetuning's, else the dataset's, else alpaca.
         max_records: evaluate only the first N records.
@@ -54,7 +54,7 @@ def main(
         output_json: where the per-record answers and the scores are written.
     """
     records_file = data_file or data_dir / "test.json"
-    records = read_records(records_file)[:max_records]
+    records = load_records(records_file)[:max_records]
     dtype = weights_dtype(resolve_precision(precision))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if finetuned_path is None:
@@ -112,21 +112,6 @@ def main(
     for task, score in scores.items():
         print(f"{task:>24}: {score:5.1f}% exact match ({total_by_task[task]} records)")
     print(f"{'overall':>24}: {overall:5.1f}% exact match ({len(records)} records)  -> {output_json}")
-
-
-def read_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"evaluation records not found: {path}")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(records, list) or not records:
-        raise UserError(f"{path} must hold a non-empty JSON list of records")
-    for number, record in enumerate(records, start=1):
-        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) or not isinstance(record.get("output"), str):
-            raise UserError(f"{path}: record {number} needs string 'instruction' and 'output' fields")
-    return records
 
 
 def dataset_prompt_style(data_dir: Path, data_file: Optional[Path]) -> str:

@@ -61,5 +61,5 @@ def test_malformed_records_give_one_line(tmp_path):
     result = run_script("scripts/evaluate_tasks.py", "--checkpoint_path", base_path,
                         "--data_file", tmp_path / "records.json")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'records.json'}: record 1 needs string "
-                                                  "'instruction' and 'output' fields"]
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'records.json'}, record 1 has no 'output' "
+                                                  "field (it has: instruction)"]
