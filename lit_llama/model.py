@@ -114,24 +114,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32 as the reference implementations do (bf16 loses too much here), scale in x's dtype
-        x_fp32 = x.float()
-        x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x_fp32.to(x.dtype)
+        # normalise in fp32 as the reference implementations do (bf16 loses too much here), scale in x's dtype;
+        # F.rms_norm is one fused kernel for x * rsqrt(mean(x^2) + eps)
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
 
 def rope_cache(config: Config, length: int, device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (length, head_size), in fp32."""
+    """cos and sin tables of shape (length, head_size), in fp32. The first half of sin is negated: see apply_rope."""
     dim = config.head_size
     inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
     if config.rope_scaling:
         inv_freq = llama3_scaled_frequencies(inv_freq, **config.rope_scaling)
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    return torch.cat((angles, angles), dim=-1).cos(), torch.cat((-angles, angles), dim=-1).sin()
 
 
 def llama3_scaled_frequencies(
@@ -149,9 +147,9 @@ def llama3_scaled_frequencies(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.size(-1) // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    # the rotate-half convention: x * cos + cat(-x2, x1) * sin, where cat(x2, x1) is one roll and the sign sits in
+    # the table (the same numbers, with fewer ops per layer)
+    return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -170,16 +168,86 @@ class KVCache(nn.Module):
         return self.k[: k.size(0), :, :end], self.v[: v.size(0), :, :end]
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear, except that one row on a CPU (a decode step of one sequence) goes through torch.mv: the same
+    numbers, 1.4-1.7x faster there than the matrix-matrix kernel F.linear picks (BENCHMARKS.md, "Generation").
+    Autocast keeps F.linear: it does not cast torch.mv."""
+    if x.numel() == x.size(-1) and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        row = x.reshape(-1)
+        y = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)
+        return y.view(*x.shape[:-1], -1)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear`: the model's layers, so that fine-tuning wrappers (LoRA, adapter v2) can tell
+    a plain layer by its type."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def pack_weights(layers: list[nn.Linear]) -> bool:
+    """Put the weights of layers that read the same input (q, k, v; gate, up) back to back in one block of memory,
+    each weight a view of its rows: no memory is added, and `project_all` then reads them as one matrix (one
+    matrix-vector product per decode step instead of several small ones: faster decoding on a CPU).
+    A trainable weight stays the tensor the optimizer holds (only its data moves). Sharded (distributed) weights
+    and layers wrapped by LoRA or adapters are left alone.
+    Returns whether the weights are packed."""
+    if not all(type(layer) is Linear and layer.bias is None for layer in layers):
+        return False
+    if not all(type(layer.weight.data) is torch.Tensor for layer in layers):
+        return False
+    if packed_weight(layers) is None:
+        with torch.inference_mode(False), torch.no_grad():  # a weight must not become an inference-only tensor
+            block = torch.cat([layer.weight for layer in layers])
+            for layer, rows in zip(layers, block.split([layer.out_features for layer in layers])):
+                layer.weight.data = rows
+    return True
+
+
+def packed_weight(layers: list[nn.Linear]) -> Optional[torch.Tensor]:
+    """The layers' weights as one (rows, in_features) matrix if they lie back to back in one block, else None (as
+    they do again once a weight is replaced: LoRA merged, the model moved to another dtype)."""
+    if not all(type(layer) is Linear and layer.bias is None for layer in layers):
+        return None
+    first = layers[0].weight
+    storage, address = first.untyped_storage().data_ptr(), first.data_ptr()
+    for layer in layers:
+        weight = layer.weight
+        same_block = weight.untyped_storage().data_ptr() == storage and weight.data_ptr() == address
+        if not same_block or not weight.is_contiguous() or weight.dtype != first.dtype:
+            return None
+        address += weight.numel() * weight.element_size()
+    rows = sum(layer.out_features for layer in layers)
+    return first.detach().as_strided((rows, first.size(1)), (first.size(1), 1))
+
+
+def project_all(x: torch.Tensor, layers: list[nn.Linear], packed: bool) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers], as one matrix-vector product for one row of x where their weights were packed
+    (`pack_weights` returned `packed`), still are, and no gradient is needed (the packed matrix is a detached view).
+    Each output is its own dot product, so the numbers stay the same (bit for bit in bf16); a matrix-matrix kernel
+    may block a wider matrix differently, so more rows go layer by layer."""
+    one_row = x.numel() == x.size(-1)
+    if not packed or not one_row or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return [layer(x) for layer in layers]
+    weight = packed_weight(layers)
+    if weight is None:
+        return [layer(x) for layer in layers]
+    return linear(x, weight).split([layer.out_features for layer in layers], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
         hs = config.head_size
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * hs, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, config.n_query_groups * hs, bias=False)
-        self.v_proj = nn.Linear(config.n_embd, config.n_query_groups * hs, bias=False)
-        self.o_proj = nn.Linear(config.n_head * hs, config.n_embd, bias=False)
+        self.q_proj = Linear(config.n_embd, config.n_head * hs, bias=False)
+        self.k_proj = Linear(config.n_embd, config.n_query_groups * hs, bias=False)
+        self.v_proj = Linear(config.n_embd, config.n_query_groups * hs, bias=False)
+        self.o_proj = Linear(config.n_head * hs, config.n_embd, bias=False)
         self.kv_cache: Optional[KVCache] = None
+        self.packed = False  # whether q, k, v were packed for generation (`pack_weights`)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[int] = None
@@ -192,9 +260,8 @@ class CausalSelfAttention(nn.Module):
         """(B, T, C) -> q (B, n_head, T, hs), k and v (B, n_query_groups, T, hs), with RoPE applied."""
         B, T, _ = x.shape
         hs = self.config.head_size
-        q = self.q_proj(x).view(B, T, -1, hs).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, hs).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, hs).transpose(1, 2)
+        qkv = project_all(x, [self.q_proj, self.k_proj, self.v_proj], self.packed)
+        q, k, v = (y.view(B, T, -1, hs).transpose(1, 2) for y in qkv)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[int]) -> torch.Tensor:
@@ -222,12 +289,14 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.gate_proj = Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.packed = False  # whether gate and up were packed for generation (`pack_weights`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project_all(x, [self.gate_proj, self.up_proj], self.packed)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -260,7 +329,7 @@ class LLaMA(nn.Module):
             )
         )
         # tied models read the output projection from the embedding table: one tensor, one state-dict key
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = None if config.tie_embeddings else Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # RoPE tables are derived data, not weights: kept out of the state dict and rebuilt per device
         self.rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.max_seq_length = config.block_size
@@ -292,7 +361,7 @@ class LLaMA(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return F.linear(x, self.transformer.wte.weight)
+            return linear(x, self.transformer.wte.weight)
         return self.lm_head(x)
 
     def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,6 +383,12 @@ class LLaMA(nn.Module):
             block.attn.kv_cache = KVCache(
                 batch_size, self.config.n_query_groups, max_seq_length, self.config.head_size, device, dtype
             )
+
+    def pack_linears(self) -> None:
+        """`pack_weights` for each block's q, k, v and gate, up layers: faster generation, same numbers."""
+        for block in self.transformer.h:
+            block.attn.packed = pack_weights([block.attn.q_proj, block.attn.k_proj, block.attn.v_proj])
+            block.mlp.packed = pack_weights([block.mlp.gate_proj, block.mlp.up_proj])
 
     def clear_kv_cache(self) -> None:
         self.max_seq_length = self.config.block_size

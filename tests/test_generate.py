@@ -1,13 +1,15 @@
 """Base generation: KV-cache decoding equals full recomputation, sampling respects its limits, EOS stops, the text
 streams, and generate/base.py behaves as a command-line tool."""
+import copy
 import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lit_llama.checkpoint import save_config, save_torch
 from lit_llama.generation import Runtime, generate, generate_batch, sample, stream_text
-from lit_llama.model import LLaMA, Config
+from lit_llama.model import LLaMA, Config, linear, packed_weight
 from lit_llama.tokenizer import Tokenizer
 from tiny_tokenizers import make_byte_level_bpe, make_sentencepiece
 
@@ -53,6 +55,72 @@ def test_batched_generation_equals_one_prompt_at_a_time():
     for row, reference in zip(batched, alone):
         end = row.index(stop) + 1 if stop in row else len(row)
         assert row[:end] == reference[:end]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_linear_is_f_linear_bit_for_bit(dtype):
+    generator = torch.Generator().manual_seed(3)
+    for rows, columns in [(64, 64), (172, 64), (320, 64), (192, 576)]:
+        weight = torch.randn(rows, columns, generator=generator).to(dtype)
+        bias = torch.randn(rows, generator=generator).to(dtype)
+        x = torch.randn(1, 1, columns, generator=generator).to(dtype)
+        assert torch.equal(linear(x, weight), F.linear(x, weight))
+        assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
+        assert linear(x, weight).shape == (1, 1, rows)
+
+
+def assert_same_numbers(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Bit for bit in bf16 (torch's own matrix-vector kernel); within rounding in fp32, where MKL's sgemv sums a
+    taller matrix in a different order."""
+    if a.dtype == torch.bfloat16:
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def block_projections(model: LLaMA) -> list[list[torch.nn.Linear]]:
+    groups = []
+    for block in model.transformer.h:
+        groups += [[block.attn.q_proj, block.attn.k_proj, block.attn.v_proj], [block.mlp.gate_proj, block.mlp.up_proj]]
+    return groups
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_change_no_number_and_add_no_memory(dtype):
+    model = tiny_model("tiny-gqa").to(dtype)
+    reference = copy.deepcopy(model)
+    parameters_before = [id(p) for p in model.parameters()]
+    model.pack_linears()
+    assert [id(p) for p in model.parameters()] == parameters_before  # the same tensors (an optimizer's hold them)
+    for layers in block_projections(model):
+        assert packed_weight(layers) is not None
+        assert len({layer.weight.untyped_storage().data_ptr() for layer in layers}) == 1  # one block, no copy
+    assert packed_weight(block_projections(reference)[0]) is None
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        assert torch.equal(model(ids), reference(ids))  # many rows: layer by layer
+        assert_same_numbers(model(ids[:1, :1]), reference(ids[:1, :1]))  # one row: one torch.mv per group
+    prompt = ids[0]
+    assert list(generate(model, prompt, 10, temperature=0.0)) == greedy_without_cache(reference, prompt, 10)
+
+
+def test_packed_weights_train_and_unpack_correctly():
+    model, reference = tiny_model("tiny"), tiny_model("tiny")
+    model.pack_linears()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    for m in (model, reference):  # gradients flow to every weight, packed or not
+        m(ids).logsumexp(-1).sum().backward()
+    for (name, packed), plain in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(packed.grad, plain.grad, msg=name)
+    # a replaced weight (as LoRA merging does) leaves the block: its group is computed layer by layer again
+    attn = model.transformer.h[0].attn
+    attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach() * 2)
+    reference.transformer.h[0].attn.k_proj.weight.data *= 2
+    assert packed_weight([attn.q_proj, attn.k_proj, attn.v_proj]) is None
+    with torch.inference_mode():
+        assert_same_numbers(model(ids[:1, :1]), reference(ids[:1, :1]))
+    model.to(torch.bfloat16)  # new tensors for every weight: nothing is packed any more
+    assert all(packed_weight(layers) is None for layers in block_projections(model))
 
 
 def test_greedy_settings_agree():
