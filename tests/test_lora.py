@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lit_llama.checkpoint import load, load_torch, save_torch
 from lit_llama.errors import UserError
@@ -84,6 +85,25 @@ def test_dropout_applies_to_the_lora_path_only():
     assert not torch.equal(model(idx), model(idx))  # training mode: the LoRA path is dropped at random
     model.eval()
     assert torch.equal(model(idx), model(idx))
+
+
+def test_dropout_keeps_the_expected_lora_update():
+    """Inverted dropout: each input feature is kept with probability 1 - p and scaled by 1 / (1 - p), so the mean of
+    many training-mode LoRA updates is the eval-mode update (the scale folded into the r-wide product included)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(16, 8, r=4, alpha=8, dropout=0.25).to(torch.bfloat16)
+    layer.lora_A.data, layer.lora_B.data = torch.randn(4, 16), torch.randn(8, 4)  # fp32 beside a bf16 weight
+    x = torch.randn(1, 16).to(torch.bfloat16)
+    base = F.linear(x, layer.weight).float()
+    expected = layer.eval()(x).float() - base
+    layer.train()
+    updates = torch.stack([layer(x).float() - base for _ in range(4000)])
+    standard_error = updates.std(0) / len(updates) ** 0.5
+    assert ((updates.mean(0) - expected).abs() < 5 * standard_error + 0.02).all()  # 0.02: bf16 rounding of y
+    assert ((updates.mean(0) - expected / 0.75).abs() > 5 * standard_error).any()  # a wrong scale would be seen
+    dropped_rows = (updates == 0).all(-1).float().mean()  # x A^T is r wide: only an all-dropped x gives exactly 0
+    assert dropped_rows < 0.01
+    assert layer(x).dtype == torch.bfloat16
 
 
 def test_impossible_setups_are_refused():
