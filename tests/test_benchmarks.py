@@ -93,3 +93,15 @@ def test_gpu_benchmark_smoke_on_cpu():
 
     too_long = run_script("benchmarks/gpu_lora_7b.py", "--config_name", "tiny", "--device", "cpu", "--seq_length", "500")
     assert too_long.returncode == 2 and too_long.stderr.startswith("error:") and "block_size" in too_long.stderr
+
+
+def test_decode_step_before_after_smoke(tmp_path):
+    result = run_script(
+        "benchmarks/decode_step.py", "--checkpoint_dir", str(tmp_path / "absent"), "--config_name", "tiny",
+        "--position", "8", "--rounds", "2", "--steps_per_round", "1",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [row[0].strip() for row in rows] == ["baseline", "unpacked", "current"]
+    # the random weights are the same for all three, so are the logits (fp32 init, bf16 run)
+    assert all(row[3].strip() == "True" for row in rows)
