@@ -189,7 +189,8 @@ class Linear(nn.Linear):
 
 def pack_weights(layers: list[nn.Linear]) -> bool:
     """Put the weights of layers that read the same input (q, k, v; gate, up) back to back in one block of memory,
-    each weight a view of its rows: no memory is added, and `project_all` then reads them as one matrix (one
+    each weight a view of its rows: no memory is added (weights memory-mapped from a checkpoint are copied out of the
+    mapping, whose pages stay behind as reclaimable file cache), and `project_all` then reads them as one matrix (one
     matrix-vector product per decode step instead of several small ones: faster decoding on a CPU).
     A trainable weight stays the tensor the optimizer holds (only its data moves). Sharded (distributed) weights
     and layers wrapped by LoRA or adapters are left alone.
