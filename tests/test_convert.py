@@ -362,3 +362,24 @@ def test_smollm2_tokenizer_matches_transformers_gguf_loader(smollm2_dir):
     for text in texts:
         assert ours.encode(text).tolist() == reference.encode(text, add_special_tokens=False), text
         assert ours.decode(ours.encode(text)) == text
+
+
+def test_a_model_saved_after_generating_converts_to_hf(tmp_path):
+    """Generation packs q/k/v and gate/up into one block each; a state dict saved afterwards holds views of shared
+    storages, which torch.save, our loader and safetensors must all take."""
+    torch.manual_seed(0)
+    model = LLaMA(Config.from_name("tiny")).eval()
+    model.pack_linears()
+    state_dict = model.state_dict()
+    q, k = state_dict["transformer.h.0.attn.q_proj.weight"], state_dict["transformer.h.0.attn.k_proj.weight"]
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    lit_dir, hf_dir = tmp_path / "lit", tmp_path / "hf"
+    lit_dir.mkdir()
+    torch.save(state_dict, lit_dir / "lit-llama.pth")
+    (lit_dir / "model_config.json").write_text(json.dumps(model.config.to_dict()))
+    write_word_tokenizer(lit_dir, vocab_size=model.config.vocab_size)
+    run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_path", lit_dir / "lit-llama.pth", "--output_dir",
+               hf_dir, check=True)
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    idx = torch.randint(0, 320, (1, 9))
+    torch.testing.assert_close(hf_logits(hf, idx), lit_logits(lit_dir, idx), atol=1e-5, rtol=0)
