@@ -36,13 +36,13 @@ class AdapterV2Linear(nn.Linear):
     def merged(self) -> Linear:
         """The same function as a plain Linear with bias: rows of W scaled by s, bias s * b (computed in fp32)."""
         with torch.device("meta"):
-            linear = Linear(self.in_features, self.out_features, bias=True)
+            plain = Linear(self.in_features, self.out_features, bias=True)
         scale = self.adapter_scale.float()
         bias = self.adapter_bias.float() + (0 if self.bias is None else self.bias.float())
         with torch.no_grad():
-            linear.weight = nn.Parameter((self.weight.float() * scale[:, None]).to(self.weight.dtype))
-            linear.bias = nn.Parameter((bias * scale).to(self.weight.dtype))
-        return linear
+            plain.weight = nn.Parameter((self.weight.float() * scale[:, None]).to(self.weight.dtype))
+            plain.bias = nn.Parameter((bias * scale).to(self.weight.dtype))
+        return plain
 
 
 def add_adapter_v2(model: LLaMA, prompt_length: int = 10, start_layer: int = 2) -> LLaMA:
@@ -53,11 +53,11 @@ def add_adapter_v2(model: LLaMA, prompt_length: int = 10, start_layer: int = 2) 
         if type(module) is not Linear:
             continue
         with torch.device("meta"):
-            linear = AdapterV2Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        linear.weight, linear.bias = module.weight, module.bias
+            adapted = AdapterV2Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        adapted.weight, adapted.bias = module.weight, module.bias
         if not module.weight.is_meta:
-            linear.reset_adapter_parameters()
-        model.set_submodule(name, linear)
+            adapted.reset_adapter_parameters()
+        model.set_submodule(name, adapted)
     return model
 
 

@@ -134,9 +134,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name in [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]:
         module = model.get_submodule(name)
         with torch.device("meta"):
-            linear = Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            plain = Linear(module.in_features, module.out_features, bias=module.bias is not None)
         with torch.no_grad():
-            linear.weight = nn.Parameter(module.merged_weight(), requires_grad=module.weight.requires_grad)
-        linear.bias = module.bias
-        model.set_submodule(name, linear)
+            plain.weight = nn.Parameter(module.merged_weight(), requires_grad=module.weight.requires_grad)
+        plain.bias = module.bias
+        model.set_submodule(name, plain)
     return model
