@@ -333,7 +333,9 @@ def loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tens
 
 def call_as_forward(model, method: str, *args):
     """`model.<method>(*args)` called the way forward is, through the wrapper's __call__, so that what the strategy and
-    precision attach to forward applies (FSDP2 gathers the root's sharded weights, autocast for -mixed precision)."""
+    precision attach to forward applies (FSDP2 gathers the root's sharded weights, autocast for -mixed precision).
+    Fabric's `mark_forward_method` does this only when the strategy wraps the module in another one (DDP); with FSDP2
+    and on one device it would call the method directly, past both."""
     module = model.module
     module.forward = getattr(module, method)  # an instance attribute shadows the class's forward for this call
     try:
