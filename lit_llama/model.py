@@ -115,8 +115,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in fp32 as the reference implementations do (bf16 loses too much here), scale in x's dtype;
-        # F.rms_norm computes x * rsqrt(mean(x^2) + eps) in one call (the same numbers, fewer dispatches)
-        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+        # written out, as Hugging Face does: on a CPU torch's F.rms_norm runs the same steps with more dispatches
+        x_fp32 = x.float()
+        normalized = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normalized.to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -147,6 +149,7 @@ def llama3_scaled_frequencies(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, heads, hs); cos and sin: (T, 1, hs)."""
     # the rotate-half convention: x * cos + cat(-x2, x1) * sin, where cat(x2, x1) is one roll and the sign sits in
     # the table (the same numbers, with fewer ops per layer)
     return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).to(x.dtype)
@@ -187,24 +190,26 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def pack_weights(layers: list[nn.Linear]) -> bool:
+PackedWeight = tuple[torch.Tensor, tuple[int, ...]]  # the packed matrix, and the addresses of the weights in it
+
+
+def pack_weights(layers: list[nn.Linear]) -> Optional[PackedWeight]:
     """Put the weights of layers that read the same input (q, k, v; gate, up) back to back in one block of memory,
     each weight a view of its rows: no memory is added (weights memory-mapped from a checkpoint are copied out of the
-    mapping, whose pages stay behind as reclaimable file cache), and `project_all` then reads them as one matrix (one
-    matrix-vector product per decode step instead of several small ones: faster decoding on a CPU).
+    mapping, whose pages stay behind as reclaimable file cache), and `packed_product` then reads them as one matrix
+    (one matrix-vector product per decode step instead of several small ones: faster decoding on a CPU).
     A trainable weight stays the tensor the optimizer holds (only its data moves). Sharded (distributed) weights
-    and layers wrapped by LoRA or adapters are left alone.
-    Returns whether the weights are packed."""
+    and layers wrapped by LoRA or adapters are left alone (None is returned)."""
     if not all(type(layer) is Linear and layer.bias is None for layer in layers):
-        return False
+        return None
     if not all(type(layer.weight.data) is torch.Tensor for layer in layers):
-        return False
+        return None
     if packed_weight(layers) is None:
         with torch.inference_mode(False), torch.no_grad():  # a weight must not become an inference-only tensor
             block = torch.cat([layer.weight for layer in layers])
             for layer, rows in zip(layers, block.split([layer.out_features for layer in layers])):
                 layer.weight.data = rows
-    return True
+    return packed_weight(layers), tuple(layer.weight.data_ptr() for layer in layers)
 
 
 def packed_weight(layers: list[nn.Linear]) -> Optional[torch.Tensor]:
@@ -224,18 +229,18 @@ def packed_weight(layers: list[nn.Linear]) -> Optional[torch.Tensor]:
     return first.detach().as_strided((rows, first.size(1)), (first.size(1), 1))
 
 
-def project_all(x: torch.Tensor, layers: list[nn.Linear], packed: bool) -> list[torch.Tensor]:
-    """[layer(x) for layer in layers], as one matrix-vector product for one row of x where their weights were packed
-    (`pack_weights` returned `packed`), still are, and no gradient is needed (the packed matrix is a detached view).
+def packed_product(x: torch.Tensor, layers: list[nn.Linear], packed: Optional[PackedWeight]) -> Optional[torch.Tensor]:
+    """The layers' outputs side by side, (..., sum of out_features), from one matrix-vector product: for one row of x,
+    where `pack_weights` packed their weights (`packed`), no weight was replaced since (LoRA merged, the model cast)
+    and no gradient is needed (the packed matrix is a detached view). Else None: call the layers one by one.
     Each output is its own dot product, so the numbers stay the same (bit for bit in bf16); a matrix-matrix kernel
     may block a wider matrix differently, so more rows go layer by layer."""
-    one_row = x.numel() == x.size(-1)
-    if not packed or not one_row or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return [layer(x) for layer in layers]
-    weight = packed_weight(layers)
-    if weight is None:
-        return [layer(x) for layer in layers]
-    return linear(x, weight).split([layer.out_features for layer in layers], dim=-1)
+    if packed is None or x.numel() != x.size(-1) or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    weight, addresses = packed
+    if tuple(layer.weight.data_ptr() for layer in layers) != addresses:
+        return None
+    return linear(x, weight)
 
 
 class CausalSelfAttention(nn.Module):
@@ -248,7 +253,7 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = Linear(config.n_embd, config.n_query_groups * hs, bias=False)
         self.o_proj = Linear(config.n_head * hs, config.n_embd, bias=False)
         self.kv_cache: Optional[KVCache] = None
-        self.packed = False  # whether q, k, v were packed for generation (`pack_weights`)
+        self.packed: Optional[PackedWeight] = None  # q, k and v packed for generation (`pack_weights`)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[int] = None
@@ -260,10 +265,17 @@ class CausalSelfAttention(nn.Module):
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """(B, T, C) -> q (B, n_head, T, hs), k and v (B, n_query_groups, T, hs), with RoPE applied."""
         B, T, _ = x.shape
-        hs = self.config.head_size
-        qkv = project_all(x, [self.q_proj, self.k_proj, self.v_proj], self.packed)
-        q, k, v = (y.view(B, T, -1, hs).transpose(1, 2) for y in qkv)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        n_head, n_kv, hs = self.config.n_head, self.config.n_query_groups, self.config.head_size
+        layers = [self.q_proj, self.k_proj, self.v_proj]
+        qkv = packed_product(x, layers, self.packed)
+        if qkv is not None:  # one product made the q, k and v heads side by side: RoPE turns q's and k's in one go
+            heads = qkv.view(B, T, n_head + 2 * n_kv, hs)
+            qk = apply_rope(heads[:, :, : n_head + n_kv], cos, sin)
+            q, k, v = qk[:, :, :n_head], qk[:, :, n_head:], heads[:, :, n_head + n_kv :]
+        else:
+            q, k, v = (layer(x).view(B, T, -1, hs) for layer in layers)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[int]) -> torch.Tensor:
         """Causal attention over this call's keys plus, when generating, the cached ones. Returns (B, T, C)."""
@@ -293,10 +305,11 @@ class MLP(nn.Module):
         self.gate_proj = Linear(config.n_embd, config.intermediate_size, bias=False)
         self.up_proj = Linear(config.n_embd, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.n_embd, bias=False)
-        self.packed = False  # whether gate and up were packed for generation (`pack_weights`)
+        self.packed: Optional[PackedWeight] = None  # gate and up packed for generation (`pack_weights`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project_all(x, [self.gate_proj, self.up_proj], self.packed)
+        gate_up = packed_product(x, [self.gate_proj, self.up_proj], self.packed)
+        gate, up = (self.gate_proj(x), self.up_proj(x)) if gate_up is None else gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -353,9 +366,8 @@ class LLaMA(nn.Module):
                 f"(block_size {self.config.block_size}, KV cache {self.max_seq_length})"
             )
         x = self.transformer.wte(idx)
-        # cast once here rather than in every layer (a no-op in fp32)
-        cos, sin = self.rope_tables(idx.device)
-        cos, sin = cos[start : start + T].to(x.dtype), sin[start : start + T].to(x.dtype)
+        # cast once here rather than in every layer (a no-op in fp32); (T, 1, hs) to broadcast over the heads
+        cos, sin = (table[start : start + T].to(x.dtype).unsqueeze(1) for table in self.rope_tables(idx.device))
         for block in self.transformer.h:
             x = block(x, cos, sin, input_pos)
         return self.transformer.ln_f(x)
@@ -392,9 +404,11 @@ class LLaMA(nn.Module):
             block.mlp.packed = pack_weights([block.mlp.gate_proj, block.mlp.up_proj])
 
     def clear_kv_cache(self) -> None:
+        """Drop the KV cache and the packed views (the weights stay where packing put them)."""
         self.max_seq_length = self.config.block_size
         for block in self.transformer.h:
             block.attn.kv_cache = None
+            block.attn.packed = block.mlp.packed = None
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
