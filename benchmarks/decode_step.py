@@ -4,8 +4,8 @@ shared machine hits both alike), and check that both give the same logits.
 
     python benchmarks/decode_step.py --baseline 707968e --rounds 15
 
-Variants: `baseline` (the old model.py), `unpacked` (the current model.py without `LLaMA.pack_linears`, i.e.
-one-row linears through torch.mv but q/k/v and gate/up read one by one) and `current` (everything).
+Variants: `baseline` (the old model.py), `module path` (the current model.py through its modules: packed weights but
+no `DecodeStep`) and `current` (everything `LLaMA.prepare_decoding` sets up, as `generate` runs it).
 """
 import importlib.util
 import statistics
@@ -38,13 +38,15 @@ def model_module_at(revision: str):
     return module
 
 
-def build(module, config_name: str, state_dict: dict, pack: bool, cache_length: int):
+def build(module, config_name: str, state_dict: dict, cache_length: int, prepare: bool, decode_step: bool = False):
     model = module.LLaMA(module.Config.from_name(config_name))
     model.load_state_dict(state_dict)
     model = model.to(torch.bfloat16).eval()
     model.setup_kv_cache(batch_size=1, max_seq_length=cache_length)
-    if pack:
-        model.pack_linears()
+    if prepare:
+        model.prepare_decoding()
+        if not decode_step:
+            model.decode_step = None
     return model
 
 
@@ -77,9 +79,9 @@ def main(
     old = model_module_at(baseline)
     cache_length = position + 1
     models = {
-        "baseline": build(old, config_name, state_dict, pack=False, cache_length=cache_length),
-        "unpacked": build(current_model, config_name, state_dict, pack=False, cache_length=cache_length),
-        "current": build(current_model, config_name, state_dict, pack=True, cache_length=cache_length),
+        "baseline": build(old, config_name, state_dict, cache_length, prepare=False),
+        "module path": build(current_model, config_name, state_dict, cache_length, prepare=True),
+        "current": build(current_model, config_name, state_dict, cache_length, prepare=True, decode_step=True),
     }
     vocab_size = models["current"].config.vocab_size
     prompt = (torch.arange(100, 100 + position) % vocab_size).view(1, -1)

@@ -81,7 +81,7 @@ def generate_batch(
     stop = torch.tensor(sorted(stop_ids or ()), dtype=torch.long, device=device)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     model.setup_kv_cache(batch_size=batch_size, max_seq_length=total, device=device)
-    model.pack_linears()
+    model.prepare_decoding()
     try:
         vocab = model.config.vocab_size
         # the prefill needs logits for the last position only: skip the output projection for the rest

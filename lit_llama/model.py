@@ -1,11 +1,12 @@
-"""A compact LLaMA: config, RMSNorm, RoPE, grouped-query attention with a preallocated KV cache, SwiGLU MLP.
+"""A compact LLaMA: config, RMSNorm, RoPE, grouped-query attention with a preallocated KV cache, SwiGLU MLP, and the
+straight-line one-token step that generation takes through it (`DecodeStep`).
 
 Weight names follow Hugging Face's Llama layout (q_proj, k_proj, ...) so conversions are plain renames,
 and queries/keys use the "rotate half" RoPE convention that Hugging Face checkpoints are stored in.
 """
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -107,6 +108,14 @@ configs = {
 }
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # normalise in fp32 as the reference implementations do (bf16 loses too much here), scale in x's dtype;
+    # written out, as Hugging Face does: on a CPU torch's F.rms_norm runs the same steps with more dispatches
+    x_fp32 = x.float()
+    normalized = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normalized.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -114,11 +123,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32 as the reference implementations do (bf16 loses too much here), scale in x's dtype;
-        # written out, as Hugging Face does: on a CPU torch's F.rms_norm runs the same steps with more dispatches
-        x_fp32 = x.float()
-        normalized = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normalized.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -149,7 +154,7 @@ def llama3_scaled_frequencies(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, heads, hs); cos and sin: (T, 1, hs)."""
+    """x: (B, T, heads, hs) with cos and sin (T, 1, hs), or (heads, hs) with (hs,)."""
     # the rotate-half convention: x * cos + cat(-x2, x1) * sin, where cat(x2, x1) is one roll and the sign sits in
     # the table (the same numbers, with fewer ops per layer)
     return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).to(x.dtype)
@@ -347,12 +352,15 @@ class LLaMA(nn.Module):
         # RoPE tables are derived data, not weights: kept out of the state dict and rebuilt per device
         self.rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.max_seq_length = config.block_size
+        self.decode_step: Optional[DecodeStep] = None  # set for a generation by `prepare_decoding`
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[int] = None) -> torch.Tensor:
         """idx: (B, T) token ids. input_pos: position of idx[:, 0] when generating with the KV cache.
 
         Returns logits of shape (B, T, padded_vocab_size); the first `vocab_size` columns are real tokens.
         """
+        if self.decode_step is not None and self.decode_step.applies(idx, input_pos):
+            return self.decode_step(idx, input_pos)
         return self.head(self.features(idx, input_pos))
 
     def features(self, idx: torch.Tensor, input_pos: Optional[int] = None) -> torch.Tensor:
@@ -392,20 +400,25 @@ class LLaMA(nn.Module):
         device = device or reference.device
         dtype = dtype or reference.dtype
         self.max_seq_length = max_seq_length
+        self.decode_step = None  # it would write to the old caches: `prepare_decoding` again
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(
                 batch_size, self.config.n_query_groups, max_seq_length, self.config.head_size, device, dtype
             )
 
-    def pack_linears(self) -> None:
-        """`pack_weights` for each block's q, k, v and gate, up layers: faster generation, same numbers."""
+    def prepare_decoding(self) -> None:
+        """After `setup_kv_cache`: faster generation with the same numbers. Packs each block's q, k, v and gate, up
+        weights (`pack_weights`) and, for a model of plain layers with a KV cache for one sequence, sets up the
+        straight-line one-token step that `forward` then takes (`DecodeStep`)."""
         for block in self.transformer.h:
             block.attn.packed = pack_weights([block.attn.q_proj, block.attn.k_proj, block.attn.v_proj])
             block.mlp.packed = pack_weights([block.mlp.gate_proj, block.mlp.up_proj])
+        self.decode_step = DecodeStep.for_model(self)
 
     def clear_kv_cache(self) -> None:
-        """Drop the KV cache and the packed views (the weights stay where packing put them)."""
+        """Drop the KV cache and what `prepare_decoding` set up (the weights stay where packing put them)."""
         self.max_seq_length = self.config.block_size
+        self.decode_step = None
         for block in self.transformer.h:
             block.attn.kv_cache = None
             block.attn.packed = block.mlp.packed = None
@@ -420,3 +433,90 @@ class LLaMA(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
+
+
+class DecodeLayer(NamedTuple):
+    """What a decode step reads of one block: its norm weights, packed and plain matrices and KV cache."""
+
+    norm_1: torch.Tensor
+    qkv: torch.Tensor
+    o_proj: torch.Tensor
+    norm_2: torch.Tensor
+    gate_up: torch.Tensor
+    down_proj: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+
+class DecodeStep:
+    """One new token of one sequence through the whole model as straight-line tensor code, over tensors looked up
+    once per generation: `LLaMA.forward`'s numbers (the same functions on the same tensors, bit for bit) without its
+    per-layer module calls, attribute lookups and batch and head bookkeeping, which on a CPU are ~15% of a small
+    model's decode step (BENCHMARKS.md, "Generation"). Only for plain layers: LoRA, adapters or hooks keep the
+    module path."""
+
+    def __init__(self, model: LLaMA) -> None:
+        config = model.config
+        self.n_head, self.n_query_groups, self.head_size = config.n_head, config.n_query_groups, config.head_size
+        self.eps = config.norm_eps
+        self.layers = [
+            DecodeLayer(
+                block.norm_1.weight, block.attn.packed[0], block.attn.o_proj.weight,
+                block.norm_2.weight, block.mlp.packed[0], block.mlp.down_proj.weight,
+                block.attn.kv_cache.k, block.attn.kv_cache.v,
+            )
+            for block in model.transformer.h
+        ]
+        self.wte = model.transformer.wte.weight
+        self.ln_f = model.transformer.ln_f.weight
+        self.lm_head = self.wte if model.lm_head is None else model.lm_head.weight
+        self.cos, self.sin = model.rope_tables(self.wte.device)
+        self.length = model.max_seq_length
+
+    @classmethod
+    def for_model(cls, model: LLaMA) -> Optional["DecodeStep"]:
+        """The step for `model`, or None where its layers are not all plain ones, packed, with a one-sequence cache
+        (and no hooks, which the step would skip)."""
+        if model.lm_head is not None and not (type(model.lm_head) is Linear and model.lm_head.bias is None):
+            return None
+        if any(module._forward_hooks or module._forward_pre_hooks for module in model.modules()):
+            return None
+        for block in model.transformer.h:
+            plain = (type(block), type(block.attn), type(block.mlp)) == (Block, CausalSelfAttention, MLP)
+            plain = plain and type(block.norm_1) is RMSNorm and type(block.norm_2) is RMSNorm
+            plain = plain and all(type(layer) is Linear and layer.bias is None
+                                  for layer in (block.attn.o_proj, block.mlp.down_proj))
+            packed = block.attn.packed is not None and block.mlp.packed is not None
+            cache = block.attn.kv_cache
+            if not (plain and packed and cache is not None and cache.k.size(0) == 1):
+                return None
+        return cls(model)
+
+    def applies(self, idx: torch.Tensor, input_pos: Optional[int]) -> bool:
+        """Whether `LLaMA.forward(idx, input_pos)` is a step this covers: one token of one sequence within the cache,
+        no gradient, no autocast and no compiling (a compiled model traces the module path)."""
+        return (
+            input_pos is not None
+            and idx.shape == (1, 1)
+            and input_pos < self.length
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(idx.device.type)
+            and not torch.compiler.is_compiling()
+        )
+
+    def __call__(self, idx: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits (1, 1, padded_vocab_size) for token idx (1, 1) at `position`, its key and value cached."""
+        n_head, n_kv, hs = self.n_head, self.n_query_groups, self.head_size
+        x = self.wte[int(idx)]
+        cos, sin = self.cos[position].to(x.dtype), self.sin[position].to(x.dtype)
+        for layer in self.layers:
+            heads = linear(rms_norm(x, layer.norm_1, self.eps), layer.qkv).view(n_head + 2 * n_kv, hs)
+            qk = apply_rope(heads[: n_head + n_kv], cos, sin)
+            layer.k_cache[0, :, position] = qk[n_head:]
+            layer.v_cache[0, :, position] = heads[n_head + n_kv :]
+            k, v = layer.k_cache[:, :, : position + 1], layer.v_cache[:, :, : position + 1]
+            y = F.scaled_dot_product_attention(qk[:n_head].view(1, n_head, 1, hs), k, v, enable_gqa=n_kv != n_head)
+            x = x + linear(y.view(-1), layer.o_proj)
+            gate, up = linear(rms_norm(x, layer.norm_2, self.eps), layer.gate_up).chunk(2)
+            x = x + linear(F.silu(gate) * up, layer.down_proj)
+        return linear(rms_norm(x, self.ln_f, self.eps), self.lm_head).view(1, 1, -1)

@@ -369,7 +369,7 @@ def test_a_model_saved_after_generating_converts_to_hf(tmp_path):
     storages, which torch.save, our loader and safetensors must all take."""
     torch.manual_seed(0)
     model = LLaMA(Config.from_name("tiny")).eval()
-    model.pack_linears()
+    model.prepare_decoding()
     state_dict = model.state_dict()
     q, k = state_dict["transformer.h.0.attn.q_proj.weight"], state_dict["transformer.h.0.attn.k_proj.weight"]
     assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()

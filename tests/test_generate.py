@@ -43,6 +43,7 @@ def test_kv_cache_generation_equals_full_recompute(name, prompt_length):
     assert with_cache == greedy_without_cache(model, prompt, 24)
     assert len(set(with_cache)) > 1  # a degenerate model repeating one token would prove little
     assert all(block.attn.kv_cache is None for block in model.transformer.h)  # the cache is released afterwards
+    assert model.decode_step is None
 
 
 def test_batched_generation_equals_one_prompt_at_a_time():
@@ -90,7 +91,7 @@ def test_packed_weights_change_no_number_and_add_no_memory(dtype):
     model = tiny_model("tiny-gqa").to(dtype)
     reference = copy.deepcopy(model)
     parameters_before = [id(p) for p in model.parameters()]
-    model.pack_linears()
+    model.prepare_decoding()
     assert [id(p) for p in model.parameters()] == parameters_before  # the same tensors (an optimizer's hold them)
     for layers in block_projections(model):
         assert packed_weight(layers) is not None
@@ -106,7 +107,7 @@ def test_packed_weights_change_no_number_and_add_no_memory(dtype):
 
 def test_packed_weights_train_and_unpack_correctly():
     model, reference = tiny_model("tiny"), tiny_model("tiny")
-    model.pack_linears()
+    model.prepare_decoding()
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
     for m in (model, reference):  # gradients flow to every weight, packed or not
         m(ids).logsumexp(-1).sum().backward()
@@ -121,6 +122,59 @@ def test_packed_weights_train_and_unpack_correctly():
         assert_same_numbers(model(ids[:1, :1]), reference(ids[:1, :1]))
     model.to(torch.bfloat16)  # new tensors for every weight: nothing is packed any more
     assert all(packed_weight(layers) is None for layers in block_projections(model))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])  # MHA with its own head; GQA with a tied head
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_gives_the_module_path_numbers(name, dtype):
+    model = tiny_model(name).to(dtype)
+    reference = copy.deepcopy(model)
+    for m in (model, reference):
+        m.setup_kv_cache(batch_size=1, max_seq_length=12)
+        m.prepare_decoding()
+    assert model.decode_step is not None
+    reference.decode_step = None  # the same packed weights, through the modules
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        for m in (model, reference):
+            m(prompt, input_pos=0)
+        for position, token in enumerate([7, 3, 11, 2, 300, 9, 0], start=5):
+            idx = torch.tensor([[token]])
+            assert torch.equal(model(idx, input_pos=position), reference(idx, input_pos=position))
+    for block, reference_block in zip(model.transformer.h, reference.transformer.h):
+        assert torch.equal(block.attn.kv_cache.k, reference_block.attn.kv_cache.k)
+        assert torch.equal(block.attn.kv_cache.v, reference_block.attn.kv_cache.v)
+
+
+def test_decode_step_only_where_it_gives_the_same_numbers():
+    from lit_llama.adapter import add_adapter
+    from lit_llama.adapter_v2 import add_adapter_v2
+    from lit_llama.lora import add_lora
+
+    def prepared(model, batch_size=1):
+        model.setup_kv_cache(batch_size=batch_size, max_seq_length=8)
+        model.prepare_decoding()
+        return model.decode_step
+
+    assert prepared(tiny_model()) is not None
+    assert prepared(tiny_model(), batch_size=2) is None
+    assert prepared(add_lora(tiny_model(), r=2, alpha=4, dropout=0.0, targets=["query", "value"])) is None
+    assert prepared(add_adapter(tiny_model(), prompt_length=2, start_layer=1)) is None
+    assert prepared(add_adapter_v2(tiny_model(), prompt_length=2, start_layer=1)) is None
+    hooked = tiny_model()
+    hooked.transformer.h[1].mlp.register_forward_hook(lambda module, args, output: output * 2)
+    assert prepared(hooked) is None
+    model = tiny_model()
+    step = prepared(model)
+    token = torch.tensor([[4]])
+    assert not step.applies(token, 0)  # gradients on
+    with torch.inference_mode():
+        assert step.applies(token, 7) and not step.applies(token, 8)  # past the cache: the module path's error
+        assert not step.applies(torch.tensor([[4, 5]]), 0) and not step.applies(token, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not step.applies(token, 0)
+    model.setup_kv_cache(batch_size=1, max_seq_length=8)  # new caches: the step over the old ones is dropped
+    assert model.decode_step is None
 
 
 def test_greedy_settings_agree():
