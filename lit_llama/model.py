@@ -496,12 +496,12 @@ class DecodeStep:
         """Whether `LLaMA.forward(idx, input_pos)` is a step this covers: one token of one sequence within the cache,
         no gradient, no autocast and no compiling (a compiled model traces the module path)."""
         return (
-            input_pos is not None
+            not torch.compiler.is_compiling()
+            and input_pos is not None
             and idx.shape == (1, 1)
             and input_pos < self.length
             and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled(idx.device.type)
-            and not torch.compiler.is_compiling()
         )
 
     def __call__(self, idx: torch.Tensor, position: int) -> torch.Tensor:

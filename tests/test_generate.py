@@ -177,6 +177,13 @@ def test_decode_step_only_where_it_gives_the_same_numbers():
     assert model.decode_step is None
 
 
+def test_compiled_generation_agrees_with_eager():
+    model = tiny_model("tiny")
+    prompt = torch.tensor([5, 17, 42])
+    eager = list(generate(model, prompt, 10, temperature=0.0))
+    assert list(generate(torch.compile(model, dynamic=True), prompt, 10, temperature=0.0)) == eager
+
+
 def test_greedy_settings_agree():
     model = tiny_model("tiny-gqa")
     prompt = torch.tensor([5, 17, 42])
