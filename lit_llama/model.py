@@ -471,7 +471,7 @@ class DecodeStep:
         self.ln_f = model.transformer.ln_f.weight
         self.lm_head = self.wte if model.lm_head is None else model.lm_head.weight
         self.cos, self.sin = model.rope_tables(self.wte.device)
-        self.length = model.max_seq_length
+        self.cache_length = model.max_seq_length
 
     @classmethod
     def for_model(cls, model: LLaMA) -> Optional["DecodeStep"]:
@@ -499,7 +499,7 @@ class DecodeStep:
             not torch.compiler.is_compiling()
             and input_pos is not None
             and idx.shape == (1, 1)
-            and input_pos < self.length
+            and input_pos < self.cache_length
             and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled(idx.device.type)
         )
