@@ -435,6 +435,11 @@ class LLaMA(nn.Module):
                 module.reset_parameters()
 
 
+def matvec_by_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight @ x as `linear` computes one row off a CPU: F.linear on a (1, in_features) matrix."""
+    return F.linear(x.view(1, -1), weight).view(-1)
+
+
 class DecodeLayer(NamedTuple):
     """What a decode step reads of one block: its norm weights, packed and plain matrices and KV cache."""
 
@@ -472,6 +477,8 @@ class DecodeStep:
         self.lm_head = self.wte if model.lm_head is None else model.lm_head.weight
         self.cos, self.sin = model.rope_tables(self.wte.device)
         self.cache_length = model.max_seq_length
+        # what `linear` runs for one row, chosen once: its checks cost more than they seem between weight reads
+        self.matvec = torch.mv if self.wte.device.type == "cpu" else matvec_by_linear
 
     @classmethod
     def for_model(cls, model: LLaMA) -> Optional["DecodeStep"]:
@@ -510,13 +517,13 @@ class DecodeStep:
         x = self.wte[int(idx)]
         cos, sin = self.cos[position].to(x.dtype), self.sin[position].to(x.dtype)
         for layer in self.layers:
-            heads = linear(rms_norm(x, layer.norm_1, self.eps), layer.qkv).view(n_head + 2 * n_kv, hs)
+            heads = self.matvec(layer.qkv, rms_norm(x, layer.norm_1, self.eps)).view(n_head + 2 * n_kv, hs)
             qk = apply_rope(heads[: n_head + n_kv], cos, sin)
             layer.k_cache[0, :, position] = qk[n_head:]
             layer.v_cache[0, :, position] = heads[n_head + n_kv :]
             k, v = layer.k_cache[:, :, : position + 1], layer.v_cache[:, :, : position + 1]
             y = F.scaled_dot_product_attention(qk[:n_head].view(1, n_head, 1, hs), k, v, enable_gqa=n_kv != n_head)
-            x = x + linear(y.view(-1), layer.o_proj)
-            gate, up = linear(rms_norm(x, layer.norm_2, self.eps), layer.gate_up).chunk(2)
-            x = x + linear(F.silu(gate) * up, layer.down_proj)
-        return linear(rms_norm(x, self.ln_f, self.eps), self.lm_head).view(1, 1, -1)
+            x = x + self.matvec(layer.o_proj, y.view(-1))
+            gate, up = self.matvec(layer.gate_up, rms_norm(x, layer.norm_2, self.eps)).chunk(2)
+            x = x + self.matvec(layer.down_proj, F.silu(gate) * up)
+        return self.matvec(self.lm_head, rms_norm(x, self.ln_f, self.eps)).view(1, 1, -1)
