@@ -455,8 +455,8 @@ class DecodeLayer(NamedTuple):
 
 class DecodeStep:
     """One new token of one sequence through the whole model as straight-line tensor code, over tensors looked up
-    once per generation: `LLaMA.forward`'s numbers (the same functions on the same tensors, bit for bit) without its
-    per-layer module calls, attribute lookups and batch and head bookkeeping, which on a CPU are ~15% of a small
+    once per generation: `LLaMA.forward`'s numbers (the same operations on the same tensors, bit for bit) without its
+    per-layer module calls, attribute lookups and batch and head bookkeeping, which on a CPU are ~1/6 of a small
     model's decode step (BENCHMARKS.md, "Generation"). Only for plain layers: LoRA, adapters or hooks keep the
     module path."""
 
