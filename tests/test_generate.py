@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from lit_llama.checkpoint import save_config, save_torch
 from lit_llama.generation import Runtime, generate, generate_batch, sample, stream_text
-from lit_llama.model import LLaMA, Config, linear, packed_weight
+from lit_llama.model import LLaMA, Config, linear, matvec_by_linear, packed_weight
 from lit_llama.tokenizer import Tokenizer
 from tiny_tokenizers import make_byte_level_bpe, make_sentencepiece
 
@@ -144,6 +144,25 @@ def test_decode_step_gives_the_module_path_numbers(name, dtype):
     for block, reference_block in zip(model.transformer.h, reference.transformer.h):
         assert torch.equal(block.attn.kv_cache.k, reference_block.attn.kv_cache.k)
         assert torch.equal(block.attn.kv_cache.v, reference_block.attn.kv_cache.v)
+
+
+def test_decode_step_product_off_a_cpu_is_the_linear_one():
+    # off a CPU the step multiplies through F.linear, as `linear` does there; on a CPU F.linear and torch.mv agree
+    # bit for bit on these shapes (test_one_row_linear_is_f_linear_bit_for_bit), so the plumbing can be tried here
+    model = tiny_model("tiny-gqa").to(torch.bfloat16)
+    reference = copy.deepcopy(model)
+    for m in (model, reference):
+        m.setup_kv_cache(batch_size=1, max_seq_length=8)
+        m.prepare_decoding()
+    assert model.decode_step.matvec is torch.mv
+    model.decode_step.matvec = matvec_by_linear
+    reference.decode_step = None
+    with torch.inference_mode():
+        for m in (model, reference):
+            m(torch.tensor([[1, 2, 3]]), input_pos=0)
+        for position, token in enumerate([7, 3, 11], start=3):
+            idx = torch.tensor([[token]])
+            assert torch.equal(model(idx, input_pos=position), reference(idx, input_pos=position))
 
 
 def test_decode_step_only_where_it_gives_the_same_numbers():
