@@ -409,7 +409,8 @@ class LLaMA(nn.Module):
     def prepare_decoding(self) -> None:
         """After `setup_kv_cache`: faster generation with the same numbers. Packs each block's q, k, v and gate, up
         weights (`pack_weights`) and, for a model of plain layers with a KV cache for one sequence, sets up the
-        straight-line one-token step that `forward` then takes (`DecodeStep`)."""
+        straight-line one-token step that `forward` then takes (`DecodeStep`). That step holds the tensors it found:
+        call this again after replacing weights; `setup_kv_cache` and `clear_kv_cache` drop it."""
         for block in self.transformer.h:
             block.attn.packed = pack_weights([block.attn.q_proj, block.attn.k_proj, block.attn.v_proj])
             block.mlp.packed = pack_weights([block.mlp.gate_proj, block.mlp.up_proj])
