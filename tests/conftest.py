@@ -20,3 +20,27 @@ def run_script(script: str, *args, check: bool = False, timeout: float = 600) ->
 @pytest.fixture
 def script():
     return run_script
+
+
+def tolerance(expected, ulps: float = 64) -> float:
+    """An absolute tolerance for values computed another way than `expected`: `ulps` units in the last place of
+    `expected`'s dtype at its largest magnitude. Summation order differs between CPU kernels (AVX-512 vs AMX, MKL
+    vs oneDNN), so the same sum can differ by a few of its largest terms' ulps; a fixed atol is right on one CPU and
+    wrong on the next."""
+    import torch
+
+    expected = torch.as_tensor(expected)
+    dtype = expected.dtype if expected.is_floating_point() else torch.float32
+    return ulps * torch.finfo(dtype).eps * max(expected.abs().max().item(), torch.finfo(dtype).tiny)
+
+
+def assert_close(actual, expected, ulps: float = 64, msg: str = "") -> None:
+    """`actual` equals `expected` within `tolerance(expected, ulps)` everywhere (and has its shape)."""
+    import torch
+
+    torch.testing.assert_close(
+        torch.as_tensor(actual), torch.as_tensor(expected), atol=tolerance(expected, ulps), rtol=0, msg=msg or None
+    )
+
+
+HF_ULPS = 256  # our model against another implementation of it (transformers, PEFT): a different operation order

@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 
+from conftest import assert_close
 from lit_llama.adapter import AdapterAttention, add_adapter, mark_only_adapter_as_trainable
 from lit_llama.adapter_v2 import (
     AdapterV2Linear, add_adapter_v2, init_adapter_v2_weights, mark_only_adapter_v2_as_trainable,
@@ -95,7 +96,7 @@ def test_v2_scale_and_bias_merge_into_the_weights():
         before = model(idx)
         merge_adapter_v2_linears(model)
         assert not any(isinstance(m, AdapterV2Linear) for m in model.modules())
-        assert (model(idx) - before).abs().max() <= 1e-5
+        assert_close(model(idx), before)
 
 
 def test_meta_device_build_then_base_weights_then_adapter_init():
@@ -125,7 +126,7 @@ def test_load_finetuned_rebuilds_each_method(method, tmp_path):
     assert record["method"] == method
     idx = tokenizer.encode("Sort these words.").unsqueeze(0)
     with torch.no_grad():
-        assert (loaded(idx) - model(idx)).abs().max() <= 1e-5
+        assert_close(loaded(idx), model(idx))
     with pytest.raises(UserError, match=f"holds {method} weights, not lora"):
         load_finetuned(path, base_path, method="lora")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import HF_ULPS, assert_close, run_script
 from lit_llama import load
 from lit_llama.convert import config_from_hf, config_to_hf, hf_to_lit_name, lit_to_hf_name
 from lit_llama.model import LLaMA, Config
@@ -80,7 +80,7 @@ def test_hf_round_trip_matches_transformers(tmp_path, variant):
     run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", hf_dir, "--output_dir", lit_dir, check=True)
     idx = torch.randint(0, VOCAB, (2, 100))  # longer than original_max_position_embeddings: scaling matters
     expected = hf_logits(model, idx)
-    torch.testing.assert_close(lit_logits(lit_dir, idx), expected, atol=1e-4, rtol=0)
+    assert_close(lit_logits(lit_dir, idx), expected, ulps=HF_ULPS)
     config = json.loads((lit_dir / "model_config.json").read_text())
     assert config["padded_vocab_size"] == 320 and config["tie_embeddings"] == model.config.tie_word_embeddings
     assert (lit_dir / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
@@ -90,7 +90,7 @@ def test_hf_round_trip_matches_transformers(tmp_path, variant):
         check=True,
     )
     reloaded = transformers.LlamaForCausalLM.from_pretrained(back_dir).eval()
-    torch.testing.assert_close(hf_logits(reloaded, idx), expected, atol=1e-4, rtol=0)
+    assert_close(hf_logits(reloaded, idx), expected, ulps=HF_ULPS)
     assert reloaded.config.tie_word_embeddings == model.config.tie_word_embeddings
     assert (back_dir / "tokenizer_config.json").is_file()
     if model.config.tie_word_embeddings:
@@ -175,7 +175,7 @@ def test_meta_checkpoint_with_two_shards(tmp_path):
     lit.load_state_dict(load_torch(out / "lit-llama.pth"))
     idx = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():
-        torch.testing.assert_close(lit(idx)[..., :VOCAB], hf_logits(model, idx), atol=1e-4, rtol=0)
+        assert_close(lit(idx)[..., :VOCAB], hf_logits(model, idx), ulps=HF_ULPS)
 
 
 # A byte-level vocabulary: 3 control tokens, the 256 byte symbols, then tokens from the merges below
@@ -251,7 +251,7 @@ def test_gguf_weights_and_tokenizer(tmp_path):
                check=True)
 
     idx = torch.randint(0, model.config.vocab_size, (2, 30))
-    torch.testing.assert_close(lit_logits(out, idx), hf_logits(model, idx), atol=1e-4, rtol=0)
+    assert_close(lit_logits(out, idx), hf_logits(model, idx), ulps=HF_ULPS)
     tokenizer = Tokenizer(out)
     vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
     expected = [vocab[t] for t in ["hell", "o", "Ġw", "or", "l", "d", "Ġ", "1", "2", "<|im_end|>"]]
@@ -382,4 +382,4 @@ def test_a_model_saved_after_generating_converts_to_hf(tmp_path):
                hf_dir, check=True)
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
     idx = torch.randint(0, 320, (1, 9))
-    torch.testing.assert_close(hf_logits(hf, idx), lit_logits(lit_dir, idx), atol=1e-5, rtol=0)
+    assert_close(hf_logits(hf, idx), lit_logits(lit_dir, idx), ulps=HF_ULPS)

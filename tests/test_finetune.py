@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 
-from conftest import REPO, run_script
+from conftest import REPO, assert_close, run_script
 from lit_llama.batching import collate, epoch_steps
 from lit_llama.checkpoint import load
 from lit_llama.data import IGNORE_INDEX, load_prepared
@@ -131,7 +131,7 @@ def test_masked_loss_equals_the_full_logits_loss(inputs, single_thread):
     counted = (labels[:, 1:] != IGNORE_INDEX).sum()
     with torch.no_grad():
         ours = loss_sum(model, input_ids, labels, model.config.vocab_size) / counted
-    torch.testing.assert_close(ours.item(), base_loss(checkpoint_path, samples), rtol=1e-5, atol=1e-6)
+    assert_close(ours, base_loss(checkpoint_path, samples))
 
 
 def test_epochs_visit_each_sample_at_most_once_in_a_seeded_order():

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_close
 from lit_llama.checkpoint import save_config, save_torch
 from lit_llama.generation import Runtime, generate, generate_batch, sample, stream_text
 from lit_llama.model import LLaMA, Config, linear, matvec_by_linear, packed_weight
@@ -76,7 +77,7 @@ def assert_same_numbers(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == torch.bfloat16:
         assert torch.equal(a, b)
     else:
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert_close(a, b)
 
 
 def block_projections(model: LLaMA) -> list[list[torch.nn.Linear]]:

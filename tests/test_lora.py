@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_close
 from lit_llama.checkpoint import load, load_torch, save_torch
 from lit_llama.errors import UserError
 from lit_llama.finetuned import load_finetuned
@@ -71,7 +72,7 @@ def test_merge_matches_the_unmerged_model_and_gives_a_plain_base_model(name):
         unmerged = model(idx)
         assert (unmerged - base(idx)).abs().max() > 1e-3  # the update really changes the output
         merge_lora(model)
-        assert (model(idx) - unmerged).abs().max() <= 1e-5
+        assert_close(model(idx), unmerged)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
 
@@ -148,7 +149,7 @@ def test_load_finetuned_rebuilds_the_model(lora_run):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged for generation
     idx = tokenizer.encode("Sort these words.").unsqueeze(0)
     with torch.no_grad():
-        assert (model(idx) - unmerged(idx)).abs().max() <= 1e-5
+        assert_close(model(idx), unmerged(idx))
 
 
 def test_load_finetuned_refuses_weights_that_do_not_fit(lora_run, tmp_path):
@@ -175,7 +176,7 @@ def test_merge_script_writes_a_standalone_checkpoint(lora_run, tmp_path, script)
     merged, tokenizer = load(out / "lit-llama.pth")
     idx = tokenizer.encode("The quick brown fox").unsqueeze(0)
     with torch.no_grad():
-        assert (merged(idx) - unmerged(idx)).abs().max() <= 1e-5
+        assert_close(merged(idx), unmerged(idx))
     assert set(load_torch(out / "lit-llama.pth")) == set(load_torch(base_path))
 
 
