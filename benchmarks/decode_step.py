@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lit_llama import model as current_model  # noqa: E402
-from lit_llama.checkpoint import load_torch  # noqa: E402
+from lit_llama.files import load_torch  # noqa: E402
 from lit_llama.cli import run_cli  # noqa: E402
 
 

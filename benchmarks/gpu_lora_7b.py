@@ -25,7 +25,7 @@ import torch
 from lit_llama.cli import run_cli
 from lit_llama.errors import UserError
 from lit_llama.generation import generate
-from lit_llama.lora import merge_lora
+from lit_llama.method import merge
 from lit_llama.model import Config
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -140,7 +140,7 @@ def main(
           flush=True)
 
     # generation runs the plain bf16 model, as after finetuning: LoRA merged into the weights, no recomputation
-    module = merge_lora(model.module).eval().requires_grad_(False)
+    module = merge(model.module).eval().requires_grad_(False)
     for block in module.transformer.h:
         block.__dict__.pop("forward", None)
     if device.startswith("cuda"):

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from lit_llama.checkpoint import load_config, load_torch, save_json, weights_path
+from lit_llama.checkpoint import load_config, weights_path
+from lit_llama.files import load_torch, save_json
 from lit_llama.cli import run_cli
 from lit_llama.errors import UserError
 

@@ -16,18 +16,16 @@ import resource
 import subprocess
 import sys
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from lit_llama.cli import run_cli
 from lit_llama.errors import UserError
-from lit_llama.lora import add_lora, mark_only_lora_as_trainable
+from lit_llama.lora import LORA, LoRAArgs, add_lora
 from lit_llama.model import LLaMA, Config
-from lit_llama.training import loss_sum
+from lit_llama.training.loop import loss_sum
 
 GiB = 2**30
 
@@ -48,14 +46,12 @@ def random_lora_model(
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.fill_(1.0)
-    add_lora(model, r=lora_r, alpha=lora_alpha, dropout=0.05, targets=["query", "value"])
-    mark_only_lora_as_trainable(model)
+    add_lora(model, LoRAArgs(r=lora_r, alpha=lora_alpha, dropout=0.05, targets=["query", "value"]))
+    LORA.mark_trainable(model)
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    if activation_checkpointing:
-        for block in model.transformer.h:
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    model.activation_checkpointing = activation_checkpointing
     fabric = Fabric(accelerator="cuda" if device.startswith("cuda") else "cpu", devices=1, precision="32-true")
     return fabric.setup_module(model)
 
@@ -98,7 +94,7 @@ def memory_model(config: Config, lora_r: int, probe_tokens: int = 64) -> dict:
     with torch.device("meta"):
         meta_model = LLaMA(config)
         n_frozen = sum(p.numel() for p in meta_model.parameters())
-        add_lora(meta_model, r=lora_r, alpha=2 * lora_r, dropout=0.05, targets=["query", "value"])
+        add_lora(meta_model, LoRAArgs(r=lora_r, alpha=2 * lora_r, dropout=0.05, targets=["query", "value"]))
         n_lora = sum(p.numel() for n, p in meta_model.named_parameters() if "lora_" in n)
     return dict(n_frozen=n_frozen, n_lora=n_lora, a_layer=a_layer, a_head=a_head, n_layer=config.n_layer)
 

@@ -1,72 +1,10 @@
-"""Generate a response with a fully finetuned model.
+"""Generate a response with a fully finetuned model: the same as generate/finetuned.py, which reads the method from
+finetune_config.json (every option: -h).
 
     python generate/full.py --finetuned_path out/full/alpaca/lit-llama-full-finetuned.pth --prompt "What do llamas eat?"
-
-The finetuned file holds every weight; the base checkpoint only lends its tokenizer. The prompt is wrapped in
-the template the model was finetuned with; only the response is printed (streamed to stdout); timing and memory
-go to stderr.
 """
-import sys
-import time
+import runpy
 from pathlib import Path
-from typing import Optional
-
-import torch
-
-# so `python generate/full.py` works from a plain checkout
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lit_llama.cli import run_cli
-from lit_llama.finetuned import load_finetuned
-from lit_llama.generation import generate_samples, setup_runtime
-from lit_llama.prompts import PromptStyle
-
-
-def main(
-    finetuned_path: Path = Path("out/full/alpaca/lit-llama-full-finetuned.pth"),
-    pretrained_path: Optional[Path] = None,
-    prompt: str = "What food do llamas eat?",
-    input: str = "",
-    num_samples: int = 1,
-    max_new_tokens: int = 50,
-    top_k: Optional[int] = 200,
-    top_p: float = 1.0,
-    temperature: float = 0.8,
-    seed: int = 1234,
-    precision: Optional[str] = None,
-    compile: bool = False,
-) -> None:
-    """Generate a response to an instruction with a fully finetuned model.
-
-    Args:
-        finetuned_path: The weights saved by finetune/full.py (with finetune_config.json beside them).
-        pretrained_path: The base checkpoint, whose tokenizer is used, e.g. checkpoints/lit-llama/7B/lit-llama.pth
-            (default: the one recorded in finetune_config.json at finetuning time).
-        prompt: The instruction.
-        input: Optional context for the instruction (the "input" field of Alpaca-style data).
-        num_samples: How many responses to generate.
-        max_new_tokens: The most tokens to generate per response (fewer if EOS comes first).
-        top_k: Sample only among the k most likely tokens (1 is greedy; null: no limit).
-        top_p: Sample only among the most likely tokens holding this much probability (1.0: no limit).
-        temperature: Sharpen (<1) or flatten (>1) the distribution; 0 is greedy.
-        seed: Random seed, so a run can be repeated.
-        precision: bf16-true, 32-true, bf16-mixed or 16-true (default: bf16-true where supported, else 32-true).
-        compile: torch.compile the model (slow first call, faster after).
-    """
-    runtime = setup_runtime(precision, seed)
-    start = time.perf_counter()
-    model, tokenizer, record = load_finetuned(
-        finetuned_path, pretrained_path, runtime.device, runtime.dtype, method="full"
-    )
-    print(f"Loaded {finetuned_path} in {time.perf_counter() - start:.2f} sec "
-          f"({runtime.precision} on {runtime.device})", file=sys.stderr)
-    if compile:
-        model = torch.compile(model, dynamic=True)
-
-    prompt_ids = tokenizer.encode(PromptStyle.from_name(record["prompt_style"]).apply(prompt, input))
-    generate_samples(model, tokenizer, prompt_ids, runtime, num_samples, max_new_tokens, temperature, top_k, top_p)
-
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
-    run_cli(main)
+    runpy.run_path(str(Path(__file__).with_name("finetuned.py")), run_name="__main__")

@@ -1,8 +1,8 @@
 """LLaMA-Adapter (Zhang et al. 2023, https://arxiv.org/abs/2303.16199): a frozen model learns, in each of its top
 layers, a short prompt of `prompt_length` vectors that every token attends to, through a gate that starts at zero.
 
-    add_adapter(model, prompt_length=10, start_layer=2)
-    mark_only_adapter_as_trainable(model)
+    add_adapter(model, AdapterArgs(prompt_length=10, start_layer=2))
+    ADAPTER.mark_trainable(model)
 
 In layer l >= start_layer, the prompt P (prompt_length x n_embd) goes through that layer's own k_proj and v_proj
 (no RoPE: the prompt has no position) and each query attends to it without a causal mask; that attention's output,
@@ -14,12 +14,35 @@ This is the paper's zero-init attention (the two softmaxes are separate, the pro
 at zero so finetuning starts exactly at the base model). g multiplies directly, as in the paper's equation and
 lit-llama; the authors' released code passes it through tanh first, which only differs once |g| grows.
 """
+from dataclasses import dataclass
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.errors import UserError
+from lit_llama.method import Method, replace_module
 from lit_llama.model import CausalSelfAttention, Config, LLaMA
+
+
+@dataclass
+class AdapterArgs:
+    """LLaMA-Adapter settings (v1 and v2; kept in finetune_config.json as they are here).
+
+    Args:
+        prompt_length: Learned prompt vectors per adapted layer.
+        start_layer: The first layer that gets an adapter (earlier layers stay unchanged).
+    """
+
+    prompt_length: int = 10
+    start_layer: int = 2
+
+    def __post_init__(self) -> None:
+        if self.prompt_length < 1:
+            raise UserError(f"adapter prompt_length must be at least 1, got {self.prompt_length}")
+        if self.start_layer < 0:
+            raise UserError(f"adapter start_layer must be 0 or more, got {self.start_layer}")
 
 
 class AdapterAttention(CausalSelfAttention):
@@ -28,7 +51,7 @@ class AdapterAttention(CausalSelfAttention):
         self.adapter_wte = nn.Embedding(prompt_length, config.n_embd)
         self.adapter_gate = nn.Parameter(torch.zeros(config.n_head))
 
-    def reset_adapter_parameters(self) -> None:
+    def reset_method_parameters(self) -> None:
         """(Re)create the prompt and gate beside the layer's weights (materialising them after a meta-device build):
         the prompt N(0, 1) like an nn.Embedding (as the authors' and PEFT's code), the gate zero."""
         like = dict(device=self.q_proj.weight.device, dtype=self.q_proj.weight.dtype)
@@ -53,49 +76,31 @@ class AdapterAttention(CausalSelfAttention):
         return y.transpose(1, 2).reshape(B, T, -1)
 
 
-def adapter_config(prompt_length: int = 10, start_layer: int = 2) -> dict:
-    """The record of an adapter setup that finetune_config.json keeps (and `add_adapter(model, **record)` accepts)."""
-    if prompt_length < 1:
-        raise UserError(f"adapter prompt_length must be at least 1, got {prompt_length}")
-    if start_layer < 0:
-        raise UserError(f"adapter start_layer must be 0 or more, got {start_layer}")
-    return {"prompt_length": prompt_length, "start_layer": start_layer}
-
-
-def add_adapter(model: LLaMA, prompt_length: int = 10, start_layer: int = 2) -> LLaMA:
+def add_adapter(model: LLaMA, options: AdapterArgs) -> LLaMA:
     """Give layers start_layer.. an adapter prompt, in place, keeping their weights (real or meta).
 
-    On a meta-device model the prompt and gate stay on meta: load the base weights, then `init_adapter_weights`.
+    On a meta-device model the prompt and gate stay on meta: load the base weights, then `reset_method_parameters`.
     """
-    adapter_config(prompt_length, start_layer)
-    if start_layer >= model.config.n_layer:
+    if options.start_layer >= model.config.n_layer:
         raise UserError(
-            f"adapter start_layer {start_layer} leaves no layer to adapt: the model has {model.config.n_layer}"
+            f"adapter start_layer {options.start_layer} leaves no layer to adapt: the model has {model.config.n_layer}"
         )
-    for block in model.transformer.h[start_layer:]:
-        if isinstance(block.attn, AdapterAttention):
-            continue
-        with torch.device("meta"):  # its own projections are placeholders, replaced by the existing ones
-            attn = AdapterAttention(model.config, prompt_length)
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "kv_cache"):
-            setattr(attn, name, getattr(block.attn, name))
-        if not attn.q_proj.weight.is_meta:
-            attn.reset_adapter_parameters()
-        block.attn = attn
+    for index in range(options.start_layer, model.config.n_layer):
+        if not isinstance(model.transformer.h[index].attn, AdapterAttention):
+            replace_module(
+                model, f"transformer.h.{index}.attn", keep=("q_proj", "k_proj", "v_proj", "o_proj", "kv_cache"),
+                build=lambda: AdapterAttention(model.config, options.prompt_length),
+            )
     return model
 
 
-def init_adapter_weights(model: nn.Module) -> None:
-    """Fresh prompts and zero gates in every adapter layer, on its weights' device and dtype."""
+def prompt_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     for module in model.modules():
         if isinstance(module, AdapterAttention):
-            module.reset_adapter_parameters()
+            yield from (module.adapter_wte.weight, module.adapter_gate)
 
 
-def is_adapter_parameter(name: str) -> bool:
-    return name.endswith(("adapter_wte.weight", "adapter_gate"))
-
-
-def mark_only_adapter_as_trainable(model: nn.Module) -> None:
-    for name, param in model.named_parameters():
-        param.requires_grad = is_adapter_parameter(name)
+ADAPTER = Method(
+    name="adapter", options=AdapterArgs, record_key="adapter", apply=add_adapter,
+    trainable_parameters=prompt_parameters, weights_name="lit-llama-adapter-finetuned.pth",
+)

@@ -1,76 +1,20 @@
 """Checkpoint directories: `lit-llama.pth` (state dict), `model_config.json` and the tokenizer files.
 
-Loading is memory-mapped and pickle-safe (`weights_only=True`); every write goes to a temporary file that is
-renamed into place, so an interrupted save never leaves a half-written checkpoint behind.
+Loading is memory-mapped and pickle-safe, writing atomic (lit_llama/files.py).
 """
 import json
-import os
-import pickle
-import re
 import sys
-import tempfile
-import zipfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 
 from lit_llama.errors import UserError
+from lit_llama.files import load_torch, save_json
 from lit_llama.model import LLaMA, Config, configs
 
 CHECKPOINT_NAME = "lit-llama.pth"
 CONFIG_NAME = "model_config.json"
-
-
-@contextmanager
-def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed to `path`, on failure removed."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise UserError(f"cannot write to {path.parent}: {error.strerror}") from None
-    os.close(fd)
-    tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; a checkpoint is not a secret
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_torch(obj, path: Union[str, Path]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def save_json(obj, path: Union[str, Path]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
-def load_torch(path: Union[str, Path], mmap: bool = True):
-    """torch.load that only accepts tensors and plain containers, with one-line errors for bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-    except pickle.UnpicklingError as error:
-        culprit = re.search(r"GLOBAL (\S+)", str(error))
-        what = f" such as {culprit.group(1)}" if culprit else ""
-        raise UserError(f"refusing to load {path}: it holds Python objects{what}, not just tensors") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        raise UserError(f"{path} is truncated or corrupt and cannot be read ({type(error).__name__})") from None
 
 
 def checkpoint_dir(checkpoint_path: Union[str, Path]) -> Path:

@@ -1,5 +1,11 @@
-"""How every script starts: a jsonargparse CLI from the function signature (`-h`, `--config file.yaml`), and
-problems with the user's input reported as one line on stderr with exit code 2 instead of a traceback."""
+"""How every script starts: a jsonargparse CLI (`-h`, `--config file.yaml`), and problems with the user's input
+reported as one line on stderr with exit code 2 instead of a traceback.
+
+`main` takes its flags as keyword parameters, or as one dataclass parameter whose fields (and their dataclasses'
+fields, as `--train.learning_rate`) become the flags: the way scripts share settings without repeating them.
+"""
+import dataclasses
+import inspect
 import sys
 from typing import Callable
 
@@ -10,7 +16,12 @@ from lit_llama.errors import UserError
 
 def run_cli(main: Callable) -> None:
     try:
-        CLI(main, as_positional=False)
+        parameters = list(inspect.signature(main).parameters.values())
+        settings = parameters[0].annotation if len(parameters) == 1 else None
+        if dataclasses.is_dataclass(settings):
+            main(CLI(settings, as_positional=False))
+        else:
+            CLI(main, as_positional=False)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -7,7 +7,8 @@ from typing import Optional, Union
 
 import torch
 
-from lit_llama.checkpoint import CHECKPOINT_NAME, atomic_path, check_shapes, save_config, save_torch
+from lit_llama.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, check_shapes
+from lit_llama.files import atomic_path, save_all
 from lit_llama.errors import UserError
 from lit_llama.model import LLaMA, Config
 from lit_llama.tokenizer import TOKENIZER_FILES
@@ -155,8 +156,8 @@ def write_checkpoint(state_dict: dict, config: Config, output_dir: Union[str, Pa
     with torch.device("meta"):
         check_shapes(LLaMA(config), state_dict, source)
     output_dir = Path(output_dir)
-    save_torch(state_dict, output_dir / CHECKPOINT_NAME)
-    save_config(config, output_dir)
+    # weights and config together or not at all: a new lit-llama.pth beside an old config would not load
+    save_all([(output_dir / CHECKPOINT_NAME, state_dict), (output_dir / CONFIG_NAME, config.to_dict())])
     return output_dir / CHECKPOINT_NAME
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lit_llama.checkpoint import atomic_path, load_torch, save_json, save_torch
+from lit_llama.files import atomic_path, load_torch, save_all
 from lit_llama.errors import UserError
 from lit_llama.prompts import PromptStyle
 from lit_llama.tokenizer import Tokenizer
@@ -227,33 +227,15 @@ def prepare(
         "skipped": sum(truncated) if skip_long else 0,
         "source": source,
     }
-    write_all(
-        destination_path,
-        [("train.pt", train_samples), ("test.pt", test_samples), ("test.json", test), ("meta.json", meta)],
-    )
+    # all or nothing: a failure leaves the dataset that was there before (meta.json, which marks it complete, last)
+    files = [("train.pt", train_samples), ("test.pt", test_samples), ("test.json", test), ("meta.json", meta)]
+    save_all([(Path(destination_path) / name, obj) for name, obj in files])
     long_note = f"skipped {meta['skipped']}" if skip_long else f"truncated {meta['truncated']}"
     print(
         f"{meta['train_size']} train and {meta['test_size']} test samples in {destination_path} "
         f"({long_note} of {len(records)} records longer than {max_seq_length} tokens)"
     )
     return meta
-
-
-def write_all(directory: Path, files: list[tuple[str, object]]) -> None:
-    """Write each file atomically, meta.json last; if one fails, remove those this call already wrote."""
-    written = []
-    try:
-        for name, obj in files:
-            path = Path(directory) / name
-            if name.endswith(".json"):
-                save_json(obj, path)
-            else:
-                save_torch(obj, path)
-            written.append(path)
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
 
 
 def load_prepared(data_dir: Union[str, Path]) -> tuple[list[dict], list[dict], dict]:
@@ -272,7 +254,7 @@ def load_prepared(data_dir: Union[str, Path]) -> tuple[list[dict], list[dict], d
     return load_torch(data_dir / "train.pt"), load_torch(data_dir / "test.pt"), meta
 
 
-def check_tokenizer(meta: dict, tokenizer: Tokenizer, data_dir: Union[str, Path]) -> None:
+def check_prepared_tokenizer(meta: dict, tokenizer: Tokenizer, data_dir: Union[str, Path]) -> None:
     """Token ids only mean something to the tokenizer that produced them."""
     prepared, current = meta.get("tokenizer", {}), tokenizer.identity
     if prepared.get("sha256") != current["sha256"]:

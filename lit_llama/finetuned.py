@@ -1,7 +1,7 @@
 """Finetuned weights and what they need to be used again.
 
 Finetuning saves only what it trained (LoRA's A and B, an adapter's prompts and gates, or for full finetuning the
-whole state dict) and, beside it, `finetune_config.json`: the method and its options, the base model's config and
+whole state dict) and, beside it, `finetune_config.json`: the method and its settings, the base model's config and
 checkpoint, the prompt style and the tokenizer's identity. `load_finetuned` rebuilds the exact model from that record:
 
     model, tokenizer, record = load_finetuned("out/lora/alpaca/lit-llama-lora-finetuned.pth")
@@ -14,67 +14,51 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from lit_llama import adapter, adapter_v2, lora
-from lit_llama.checkpoint import checkpoint_dir, load_config, load_torch, load_weights, weights_path
+from lit_llama.adapter import ADAPTER
+from lit_llama.adapter_v2 import ADAPTER_V2
+from lit_llama.checkpoint import checkpoint_dir, load_config, load_weights, weights_path
 from lit_llama.errors import UserError
+from lit_llama.files import load_torch
+from lit_llama.lora import LORA
+from lit_llama.method import FULL, Method, merge
 from lit_llama.model import LLaMA, Config
 from lit_llama.tokenizer import Tokenizer
 
 FINETUNE_CONFIG_NAME = "finetune_config.json"
-METHODS = ("lora", "adapter", "adapter_v2", "full")
+METHODS: dict[str, Method] = {method.name: method for method in (LORA, ADAPTER, ADAPTER_V2, FULL)}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise UserError(f"unknown finetuning method {name!r}: choose one of {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 def finetune_config(
-    method: str,
+    method: Method,
+    options,
     model_config: Union[Config, dict],
     prompt_style: str,
     tokenizer_identity: dict,
     base_checkpoint: Optional[Union[str, Path]] = None,
-    **method_options,
 ) -> dict:
-    """The record to save as finetune_config.json beside the finetuned weights. `method_options`: r, alpha,
-    dropout, targets for LoRA; prompt_length, start_layer for the adapters; none for full finetuning."""
-    if method not in METHODS:
-        raise UserError(f"unknown finetuning method {method!r}: choose one of {', '.join(METHODS)}")
-    record = {
-        "method": method,
+    """The record to save as finetune_config.json beside the finetuned weights; `options` is the method's settings
+    dataclass (LoRAArgs, AdapterArgs; None for full finetuning)."""
+    return {
+        "method": method.name,
         "model_config": model_config.to_dict() if isinstance(model_config, Config) else dict(model_config),
         "base_checkpoint": None if base_checkpoint is None else str(base_checkpoint),
         "prompt_style": prompt_style,
         "tokenizer": tokenizer_identity,
+        **method.record(options),
     }
-    if method == "lora":
-        record["lora"] = lora.lora_config(**method_options)
-    elif method in ("adapter", "adapter_v2"):
-        record["adapter"] = adapter.adapter_config(**method_options)
-    elif method_options:
-        raise UserError(f"full finetuning takes no method options, got {', '.join(method_options)}")
-    return record
 
 
 def apply_method(model: LLaMA, record: dict) -> LLaMA:
     """Modify `model` in place as `record` (a finetune_config) says: add LoRA layers or adapters; full: nothing."""
-    method = record["method"]
-    if method == "lora":
-        lora.add_lora(model, **record["lora"])
-    elif method == "adapter":
-        adapter.add_adapter(model, **record["adapter"])
-    elif method == "adapter_v2":
-        adapter_v2.add_adapter_v2(model, **record["adapter"])
+    method = METHODS[record["method"]]
+    method.apply(model, method.options_from_record(record))
     return model
-
-
-def mark_trainable(model: nn.Module, method: str) -> None:
-    """requires_grad on exactly what `method` trains; the trainable state dict is then
-    `{name: p for name, p in model.named_parameters() if p.requires_grad}`."""
-    if method == "lora":
-        lora.mark_only_lora_as_trainable(model)
-    elif method == "adapter":
-        adapter.mark_only_adapter_as_trainable(model)
-    elif method == "adapter_v2":
-        adapter_v2.mark_only_adapter_v2_as_trainable(model)
-    else:
-        model.requires_grad_(True)
 
 
 def read_finetune_config(finetuned_path: Union[str, Path]) -> dict:
@@ -85,13 +69,12 @@ def read_finetune_config(finetuned_path: Union[str, Path]) -> dict:
         raise UserError(f"no {FINETUNE_CONFIG_NAME} beside {finetuned_path}: it records how the weights were trained")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise TypeError(f"a JSON {type(record).__name__}, not an object")
         if record["method"] not in METHODS:
             raise ValueError(f"unknown method {record['method']!r}")
         Config.from_dict(record["model_config"])
-        if record["method"] == "lora":
-            lora.lora_config(**record["lora"])
-        elif record["method"] in ("adapter", "adapter_v2"):
-            adapter.adapter_config(**record["adapter"])
+        METHODS[record["method"]].options_from_record(record)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, UserError) as error:
         raise UserError(f"{path} is not a valid finetune config: {type(error).__name__}: {error}") from None
     return record
@@ -103,11 +86,13 @@ def check_same_base(config: Config, base: Config, finetuned_path: Path, base_pat
     if differences:
         raise UserError(
             f"{finetuned_path} was finetuned from a different base model than {base_path} "
-            f"({', '.join(differences[:4])}): pass the base it was trained on with --pretrained_path"
+            f"({', '.join(differences[:4])}): pass the base it was trained on with --checkpoint_path"
         )
 
 
-def check_tokenizer(recorded: Optional[dict], tokenizer: Tokenizer, finetuned_path: Path) -> None:
+def check_trained_tokenizer(recorded: Optional[dict], tokenizer: Tokenizer, finetuned_path: Path) -> None:
+    """The tokenizer must be the one finetuning used: another vocabulary is refused; the same vocabulary in a file
+    that differs (re-saved, other formatting) only gets a warning."""
     if not recorded:
         return
     current = tokenizer.identity
@@ -150,15 +135,13 @@ def load_finetuned(
     dtype: Optional[torch.dtype] = None,
     method: Optional[str] = None,
 ):
-    """The finetuned model ready for inference (LoRA merged into the weights, eval mode), its tokenizer and its
-    finetune config. `checkpoint_path`: the base checkpoint (default: the one recorded at finetuning time).
-    `method`: refuse weights finetuned with another method."""
+    """The finetuned model ready for inference (method layers merged into plain ones where they can be, frozen, eval
+    mode), its tokenizer and its finetune config. `checkpoint_path`: the base checkpoint (default: the one recorded
+    at finetuning time). `method`: refuse weights finetuned with another method."""
     finetuned_path = Path(finetuned_path)
     record = read_finetune_config(finetuned_path)
     if method is not None and record["method"] != method:
-        raise UserError(
-            f"{finetuned_path} holds {record['method']} weights, not {method}: use generate/{record['method']}.py"
-        )
+        raise UserError(f"{finetuned_path} holds {record['method']} weights, not {method}")
     checkpoint_path = checkpoint_path or record.get("base_checkpoint")
     if checkpoint_path is None:
         raise UserError(f"{FINETUNE_CONFIG_NAME} beside {finetuned_path} names no base checkpoint: pass one")
@@ -166,19 +149,15 @@ def load_finetuned(
     config = Config.from_dict(record["model_config"])
     check_same_base(config, load_config(base_path), finetuned_path, base_path)
     tokenizer = Tokenizer(checkpoint_dir(base_path))
-    check_tokenizer(record.get("tokenizer"), tokenizer, finetuned_path)
+    check_trained_tokenizer(record.get("tokenizer"), tokenizer, finetuned_path)
 
     finetuned = load_torch(finetuned_path)
     with torch.device("meta"):
         model = apply_method(LLaMA(config), record)
-    if record["method"] == "full":  # a whole state dict: the base only lends its tokenizer
+    if METHODS[record["method"]].trains_base_weights:  # a whole state dict: the base only lends its tokenizer
         load_weights(model, finetuned, finetuned_path, dtype)
     else:
         check_fits(model, finetuned, finetuned_path, base_path)
         load_weights(model, {**load_torch(base_path), **finetuned}, base_path, dtype)
-    model = model.to(device)
-    if record["method"] == "lora":
-        lora.merge_lora(model)
-    elif record["method"] == "adapter_v2":
-        adapter_v2.merge_adapter_v2_linears(model)
-    return model.eval(), tokenizer, record
+    model = merge(model.to(device))
+    return model.eval().requires_grad_(False), tokenizer, record

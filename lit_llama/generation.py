@@ -9,7 +9,7 @@ import contextlib
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, TextIO
 
 import torch
@@ -105,6 +105,7 @@ class Runtime:
 
     device: torch.device
     precision: str  # Fabric's names: "bf16-true", "32-true", "bf16-mixed", ...
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -212,3 +213,56 @@ def generate_samples(
         print(file=out, flush=True)
         print_stats(len(samples[-1]), time.perf_counter() - start, runtime.device)
     return samples
+
+
+@dataclass
+class SamplingArgs:
+    """How the generate scripts sample (their shared flags).
+
+    Args:
+        num_samples: How many continuations to generate.
+        max_new_tokens: The most tokens to generate per sample (fewer if a stop token comes first).
+        top_k: Sample only among the k most likely tokens (1 is greedy; null: no limit).
+        top_p: Sample only among the most likely tokens holding this much probability (1.0: no limit).
+        temperature: Sharpen (<1) or flatten (>1) the distribution; 0 is greedy.
+        seed: Random seed, so a run can be repeated.
+        precision: bf16-true, 32-true, bf16-mixed (fp32 weights, bf16 autocast) or 16-true (default: bf16-true
+            where supported, else 32-true).
+        compile: torch.compile the model (slow first call, faster after).
+    """
+
+    num_samples: int = 1
+    max_new_tokens: int = 50
+    top_k: Optional[int] = 200
+    top_p: float = 1.0
+    temperature: float = 0.8
+    seed: int = 1234
+    precision: Optional[str] = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise UserError(f"--num_samples must be at least 1, got {self.num_samples}")
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"--top_k must be at least 1 (or null for no limit), got {self.top_k}")
+        if not 0 < self.top_p <= 1:  # NaN fails this too
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):
+            raise UserError(f"--temperature must be a finite number of 0 or more, got {self.temperature}")
+
+
+def generate_text(model: LLaMA, tokenizer, text: str, runtime: Runtime, settings: SamplingArgs, echo: bool = False):
+    """What a generate script does once its model is loaded: compile it if asked, encode `text` and generate
+    `settings.num_samples` samples (`echo`: print `text` before each); returns their token ids."""
+    print(f"Loaded in {time.perf_counter() - runtime.started:.2f} sec ({runtime.precision} on {runtime.device})",
+          file=sys.stderr)
+    if settings.compile:
+        model = torch.compile(model, dynamic=True)
+    if not text and tokenizer.bos_id is None:
+        raise UserError("the prompt is empty and the tokenizer has no BOS token to start from: give a --prompt")
+    return generate_samples(
+        model, tokenizer, tokenizer.encode(text), runtime, settings.num_samples, settings.max_new_tokens,
+        settings.temperature, settings.top_k, settings.top_p, prefix=text if echo else "",
+    )

@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -205,7 +206,7 @@ def pack_weights(layers: list[nn.Linear]) -> Optional[PackedWeight]:
     (one matrix-vector product per decode step instead of several small ones: faster decoding on a CPU).
     A trainable weight stays the tensor the optimizer holds (only its data moves). Sharded (distributed) weights
     and layers wrapped by LoRA or adapters are left alone (None is returned)."""
-    if not all(type(layer) is Linear and layer.bias is None for layer in layers):
+    if not all(type(layer) is nn.Linear and layer.bias is None for layer in layers):
         return None
     if not all(type(layer.weight.data) is torch.Tensor for layer in layers):
         return None
@@ -220,7 +221,7 @@ def pack_weights(layers: list[nn.Linear]) -> Optional[PackedWeight]:
 def packed_weight(layers: list[nn.Linear]) -> Optional[torch.Tensor]:
     """The layers' weights as one (rows, in_features) matrix if they lie back to back in one block, else None (as
     they do again once a weight is replaced: LoRA merged, the model moved to another dtype)."""
-    if not all(type(layer) is Linear and layer.bias is None for layer in layers):
+    if not all(type(layer) is nn.Linear and layer.bias is None for layer in layers):
         return None
     first = layers[0].weight
     storage, address = first.untyped_storage().data_ptr(), first.data_ptr()
@@ -253,10 +254,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.config = config
         hs = config.head_size
-        self.q_proj = Linear(config.n_embd, config.n_head * hs, bias=False)
-        self.k_proj = Linear(config.n_embd, config.n_query_groups * hs, bias=False)
-        self.v_proj = Linear(config.n_embd, config.n_query_groups * hs, bias=False)
-        self.o_proj = Linear(config.n_head * hs, config.n_embd, bias=False)
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * hs, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, config.n_query_groups * hs, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, config.n_query_groups * hs, bias=False)
+        self.o_proj = nn.Linear(config.n_head * hs, config.n_embd, bias=False)
         self.kv_cache: Optional[KVCache] = None
         self.packed: Optional[PackedWeight] = None  # q, k and v packed for generation (`pack_weights`)
 
@@ -307,9 +308,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.gate_proj = Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.up_proj = Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
         self.packed: Optional[PackedWeight] = None  # gate and up packed for generation (`pack_weights`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -348,20 +349,25 @@ class LLaMA(nn.Module):
             )
         )
         # tied models read the output projection from the embedding table: one tensor, one state-dict key
-        self.lm_head = None if config.tie_embeddings else Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # RoPE tables are derived data, not weights: kept out of the state dict and rebuilt per device
         self.rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.max_seq_length = config.block_size
+        self.activation_checkpointing = False  # recompute each block's activations in backward instead of storing them
         self.decode_step: Optional[DecodeStep] = None  # set for a generation by `prepare_decoding`
 
-    def forward(self, idx: torch.Tensor, input_pos: Optional[int] = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, input_pos: Optional[int] = None, logits_at: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """idx: (B, T) token ids. input_pos: position of idx[:, 0] when generating with the KV cache.
 
         Returns logits of shape (B, T, padded_vocab_size); the first `vocab_size` columns are real tokens.
+        logits_at: a bool (B, T) mask: logits only where it is True, as (N, padded_vocab_size) rows in row-major order
         """
         if self.decode_step is not None and self.decode_step.applies(idx, input_pos):
             return self.decode_step(idx, input_pos)
-        return self.head(self.features(idx, input_pos))
+        x = self.features(idx, input_pos)
+        return self.head(x if logits_at is None else x[logits_at])
 
     def features(self, idx: torch.Tensor, input_pos: Optional[int] = None) -> torch.Tensor:
         """The final normalised hidden states (B, T, n_embd), before the output projection."""
@@ -377,7 +383,10 @@ class LLaMA(nn.Module):
         # cast once here rather than in every layer (a no-op in fp32); (T, 1, hs) to broadcast over the heads
         cos, sin = (table[start : start + T].to(x.dtype).unsqueeze(1) for table in self.rope_tables(idx.device))
         for block in self.transformer.h:
-            x = block(x, cos, sin, input_pos)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, input_pos, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, input_pos)
         return self.transformer.ln_f(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
@@ -485,14 +494,14 @@ class DecodeStep:
     def for_model(cls, model: LLaMA) -> Optional["DecodeStep"]:
         """The step for `model`, or None where its layers are not all plain ones, packed, with a one-sequence cache
         (and no hooks, which the step would skip)."""
-        if model.lm_head is not None and not (type(model.lm_head) is Linear and model.lm_head.bias is None):
+        if model.lm_head is not None and not (type(model.lm_head) is nn.Linear and model.lm_head.bias is None):
             return None
         if any(module._forward_hooks or module._forward_pre_hooks for module in model.modules()):
             return None
         for block in model.transformer.h:
             plain = (type(block), type(block.attn), type(block.mlp)) == (Block, CausalSelfAttention, MLP)
             plain = plain and type(block.norm_1) is RMSNorm and type(block.norm_2) is RMSNorm
-            plain = plain and all(type(layer) is Linear and layer.bias is None
+            plain = plain and all(type(layer) is nn.Linear and layer.bias is None
                                   for layer in (block.attn.o_proj, block.mlp.down_proj))
             packed = block.attn.packed is not None and block.mlp.packed is not None
             cache = block.attn.kv_cache

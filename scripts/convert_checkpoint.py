@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from lit_llama.checkpoint import load_torch
+from lit_llama.files import load_torch
 from lit_llama.cli import run_cli
 from lit_llama.convert import copy_tokenizer_files, interleaved_to_rotate_half, parse_dtype, write_checkpoint
 from lit_llama.errors import UserError

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from lit_llama.checkpoint import save_json
+from lit_llama.files import save_json
 from lit_llama.cli import run_cli
 from lit_llama.convert import interleaved_to_rotate_half, parse_dtype, write_checkpoint
 from lit_llama.errors import UserError

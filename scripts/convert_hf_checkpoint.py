@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from lit_llama.checkpoint import load_torch
+from lit_llama.files import load_torch
 from lit_llama.cli import run_cli
 from lit_llama.convert import config_from_hf, copy_tokenizer_files, hf_to_lit_name, parse_dtype, write_checkpoint
 from lit_llama.errors import UserError

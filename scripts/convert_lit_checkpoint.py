@@ -5,9 +5,8 @@ from pathlib import Path
 
 import torch
 
-from lit_llama.checkpoint import (
-    atomic_path, check_shapes, checkpoint_dir, load_config, load_torch, save_json, weights_path,
-)
+from lit_llama.checkpoint import check_shapes, checkpoint_dir, load_config, weights_path
+from lit_llama.files import atomic_path, load_torch, save_json
 from lit_llama.cli import run_cli
 from lit_llama.convert import config_to_hf, copy_tokenizer_files, lit_to_hf_name
 from lit_llama.errors import UserError

@@ -2,7 +2,7 @@ r"""Export LoRA weights as a Hugging Face PEFT adapter, for the base model expor
 
     python scripts/convert_lit_checkpoint.py --checkpoint_path checkpoints/lit-llama/7B/lit-llama.pth \
         --output_dir checkpoints/hf/7B
-    python scripts/convert_lora_to_peft.py --lora_path out/lora/alpaca/lit-llama-lora-finetuned.pth \
+    python scripts/convert_lora_to_peft.py --finetuned_path out/lora/alpaca/lit-llama-lora-finetuned.pth \
         --checkpoint_path checkpoints/lit-llama/7B/lit-llama.pth --output_dir out/lora/alpaca/peft \
         --base_model_name_or_path checkpoints/hf/7B
 
@@ -10,15 +10,13 @@ The output directory (adapter_config.json + adapter_model.safetensors) loads wit
 `peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained("checkpoints/hf/7B"), "out/lora/alpaca/peft")`
 and in servers that take PEFT LoRA adapters, such as vLLM.
 """
-import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lit_llama.checkpoint import atomic_path, load_config, load_torch, save_json, weights_path
+from lit_llama.checkpoint import load_config, weights_path
+from lit_llama.files import atomic_path, load_torch, save_json
 from lit_llama.cli import run_cli
 from lit_llama.convert import lit_to_hf_name
 from lit_llama.errors import UserError
@@ -27,7 +25,7 @@ from lit_llama.model import LLaMA, Config
 
 
 def main(
-    lora_path: Path = Path("out/lora/alpaca/lit-llama-lora-finetuned.pth"),
+    finetuned_path: Path = Path("out/lora/alpaca/lit-llama-lora-finetuned.pth"),
     checkpoint_path: Optional[Path] = None,
     output_dir: Path = Path("out/lora/alpaca/peft"),
     base_model_name_or_path: Optional[str] = None,
@@ -35,7 +33,7 @@ def main(
     """Write adapter_config.json and adapter_model.safetensors in Hugging Face PEFT's LoRA format.
 
     Args:
-        lora_path: The LoRA weights saved by finetune/lora.py (with finetune_config.json beside them).
+        finetuned_path: The LoRA weights saved by finetune/lora.py (finetune_config.json beside them).
         checkpoint_path: The base lit-llama.pth, to check the LoRA weights against (default: the one recorded in
             finetune_config.json).
         output_dir: Where the PEFT adapter is written.
@@ -44,18 +42,18 @@ def main(
     """
     from safetensors.torch import save_file
 
-    record = read_finetune_config(lora_path)
+    record = read_finetune_config(finetuned_path)
     if record["method"] != "lora":
-        raise UserError(f"{lora_path} holds {record['method']} weights; only LoRA exports to PEFT")
+        raise UserError(f"{finetuned_path} holds {record['method']} weights; only LoRA exports to PEFT")
     checkpoint_path = checkpoint_path or record.get("base_checkpoint")
     if checkpoint_path is None:
-        raise UserError(f"finetune_config.json beside {lora_path} names no base checkpoint: pass --checkpoint_path")
+        raise UserError(f"finetune_config.json beside {finetuned_path} names no base checkpoint: pass --checkpoint_path")
     base_path = weights_path(checkpoint_path)
     config = Config.from_dict(record["model_config"])
-    check_same_base(config, load_config(base_path), lora_path, base_path)
-    lora_weights = load_torch(lora_path)
+    check_same_base(config, load_config(base_path), finetuned_path, base_path)
+    lora_weights = load_torch(finetuned_path)
     with torch.device("meta"):
-        check_fits(apply_method(LLaMA(config), record), lora_weights, lora_path, base_path)
+        check_fits(apply_method(LLaMA(config), record), lora_weights, finetuned_path, base_path)
 
     tensors = {}
     for name, tensor in lora_weights.items():

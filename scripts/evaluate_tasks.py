@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from lit_llama.checkpoint import load, save_json
+from lit_llama.checkpoint import load
+from lit_llama.files import save_json
 from lit_llama.data import load_records
 from lit_llama.cli import run_cli
 from lit_llama.finetuned import load_finetuned

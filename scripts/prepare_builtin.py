@@ -3,7 +3,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_llama.builtin_tasks import generate
-from lit_llama.checkpoint import save_json
+from lit_llama.files import save_json
 from lit_llama.cli import run_cli
 from lit_llama.data import load_records, load_tokenizer, prepare
 

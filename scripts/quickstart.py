@@ -14,14 +14,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from lit_llama.builtin_tasks import generate as builtin_records
+from lit_llama.cli import run_cli
+from lit_llama.errors import UserError
+from lit_llama.files import load_torch
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # so `python scripts/quickstart.py` works from a plain checkout
-
-from lit_llama.builtin_tasks import generate as builtin_records  # noqa: E402
-from lit_llama.checkpoint import load_torch  # noqa: E402
-from lit_llama.cli import run_cli  # noqa: E402
-from lit_llama.errors import UserError  # noqa: E402
-
 
 
 def main(
@@ -76,13 +74,18 @@ def main(
     step("3. Evaluate the base model on the held-out split", "scripts/evaluate_tasks.py",
          "--checkpoint_path", weights, "--data_dir", data_dir, "--max_records", eval_records,
          "--max_new_tokens", max_new_tokens, "--output_json", out_dir / "eval_base.json")
-    targets = ["--lora_key", "true", "--lora_projection", "true", "--lora_mlp", "true"] if all_linear else []
+    targets = "[query,key,value,projection,mlp]" if all_linear else "[query,value]"
+    if lora_dir.exists():  # finetune/lora.py never trains over an earlier run: keep that one beside the new one
+        kept = lora_dir.with_name(f"{lora_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        lora_dir.rename(kept)
+        print(f"# {lora_dir} holds an earlier run: moved to {kept}", flush=True)
     start = time.perf_counter()
     step("4. Finetune with LoRA", "finetune/lora.py", "--data_dir", data_dir, "--checkpoint_path", weights,
-         "--out_dir", lora_dir, "--epochs", epochs, *(["--max_steps", max_steps] if max_steps else []),
-         "--batch_size", batch_size, "--micro_batch_size", micro_batch_size, "--learning_rate", learning_rate,
-         "--warmup_steps", 10, "--lora_r", lora_r, "--lora_alpha", lora_alpha, "--lora_dropout", 0.0, *targets,
-         "--eval_interval", 1000, "--eval_iters", 4, "--save_interval", 1000)
+         "--out_dir", lora_dir, "--train.epochs", epochs, *(["--train.max_steps", max_steps] if max_steps else []),
+         "--train.batch_size", batch_size, "--train.micro_batch_size", micro_batch_size,
+         "--train.learning_rate", learning_rate, "--train.warmup_steps", 10, "--train.save_interval", 1000,
+         "--lora.r", lora_r, "--lora.alpha", lora_alpha, "--lora.dropout", 0.0, "--lora.targets", targets,
+         "--eval.interval", 1000, "--eval.iters", 4)
     training_seconds = time.perf_counter() - start
     step("5. Evaluate the finetuned model on the same held-out split", "scripts/evaluate_tasks.py",
          "--checkpoint_path", weights, "--finetuned_path", lora_weights, "--data_dir", data_dir,
@@ -90,10 +93,10 @@ def main(
     # fresh records (another seed) of three tasks, to watch the finetuned model at work
     for number, record in enumerate(builtin_records(num_records=3, seed=2024), start=1):
         step(f"6.{number} Generate with the LoRA weights (expected: {record['output']})", "generate/lora.py",
-             "--lora_path", lora_weights, "--pretrained_path", weights, "--prompt", record["instruction"],
+             "--finetuned_path", lora_weights, "--checkpoint_path", weights, "--prompt", record["instruction"],
              "--input", record["input"], "--temperature", 0, "--max_new_tokens", max_new_tokens)
     step("7. Merge the LoRA weights into a standalone checkpoint", "scripts/merge_lora.py",
-         "--lora_path", lora_weights, "--checkpoint_path", weights, "--output_dir", merged_dir)
+         "--finetuned_path", lora_weights, "--checkpoint_path", weights, "--output_dir", merged_dir)
     step("7.1 Generate from the merged checkpoint (raw prompt, no template)", "generate/base.py",
          "--checkpoint_path", merged_dir / "lit-llama.pth", "--prompt", "The capital of France is",
          "--temperature", 0, "--max_new_tokens", 20)

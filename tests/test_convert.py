@@ -169,7 +169,8 @@ def test_meta_checkpoint_with_two_shards(tmp_path):
         "--model_size", "tiny", check=True,
     )
     assert (out / "tokenizer.model").read_bytes() == b"stand-in sentencepiece model"
-    from lit_llama.checkpoint import load_config, load_torch
+    from lit_llama.checkpoint import load_config
+    from lit_llama.files import load_torch
 
     lit = LLaMA(load_config(out / "lit-llama.pth")).eval()
     lit.load_state_dict(load_torch(out / "lit-llama.pth"))
@@ -335,7 +336,7 @@ def smollm2_dir(tmp_path_factory):
 def test_smollm2_gguf_answers_a_chat_question(smollm2_dir):
     from lit_llama.generation import generate
 
-    from lit_llama.checkpoint import load_torch
+    from lit_llama.files import load_torch
 
     assert load_torch(smollm2_dir[1] / "lit-llama.pth")["transformer.wte.weight"].dtype == torch.bfloat16  # --dtype
     model, tokenizer = load(smollm2_dir[1] / "lit-llama.pth", dtype=torch.float32)

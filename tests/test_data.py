@@ -15,7 +15,7 @@ from conftest import REPO
 from lit_llama.builtin_tasks import TASKS, generate
 from lit_llama import data
 from lit_llama.cli import run_cli
-from lit_llama.data import IGNORE_INDEX, check_tokenizer, load_prepared, load_records, prepare, tokenize
+from lit_llama.data import IGNORE_INDEX, check_prepared_tokenizer, load_prepared, load_records, prepare, tokenize
 from lit_llama.errors import UserError
 from lit_llama.prompts import PromptStyle, prompt_styles, register
 from lit_llama.tokenizer import Tokenizer
@@ -99,7 +99,7 @@ def test_prepare_alpaca_script_sentencepiece(tmp_path, sp_dir, script):
     assert all(sample["input_ids"][0] == tokenizer.bos_id for sample in train + test)  # SentencePiece: BOS first
     assert_masked_over_prompt(test, test_records, tokenizer, PromptStyle.from_name("alpaca"))
     assert sorted(r["output"] for r in test_records) != sorted(r["output"] for r in ALPACA[:6])  # shuffled
-    check_tokenizer(meta, tokenizer, out)
+    check_prepared_tokenizer(meta, tokenizer, out)
     # test.pt holds the held-out tokens only, not storage shared with the training samples
     assert test[0]["input_ids"].untyped_storage().nbytes() == 8 * sum(len(s["input_ids"]) for s in test)
 
@@ -160,9 +160,9 @@ def test_split_is_deterministic_and_seeded(tmp_path, bpe_dir):
 def test_check_tokenizer_rejects_another_tokenizer(tmp_path, bpe_dir, sp_dir):
     prepare_records(ALPACA, tmp_path, Tokenizer(bpe_dir))
     meta = load_prepared(tmp_path)[2]
-    check_tokenizer(meta, Tokenizer(bpe_dir), tmp_path)
+    check_prepared_tokenizer(meta, Tokenizer(bpe_dir), tmp_path)
     with pytest.raises(UserError, match="prepared with a different tokenizer"):
-        check_tokenizer(meta, Tokenizer(sp_dir), tmp_path)
+        check_prepared_tokenizer(meta, Tokenizer(sp_dir), tmp_path)
     with pytest.raises(UserError, match="no meta.json"):
         load_prepared(tmp_path / "missing")
     (tmp_path / "test.pt").unlink()

@@ -4,8 +4,10 @@ import json
 import pytest
 
 from conftest import run_script
-from lit_llama.adapter_v2 import add_adapter_v2, init_adapter_v2_weights
-from lit_llama.finetuned import load_finetuned, mark_trainable
+from lit_llama.adapter import AdapterArgs
+from lit_llama.adapter_v2 import add_adapter_v2
+from lit_llama.finetuned import METHODS, load_finetuned
+from lit_llama.method import reset_method_parameters
 from lit_llama.generation import generate
 from lit_llama.prompts import PromptStyle
 from lit_llama.tokenizer import Tokenizer
@@ -31,9 +33,9 @@ def test_scores_each_method_per_task(method, tmp_path):
     model = load_base(base_path)
     if method != "base":
         if method == "adapter_v2":
-            add_adapter_v2(model, prompt_length=4, start_layer=1)
-            init_adapter_v2_weights(model)
-        mark_trainable(model, method)
+            add_adapter_v2(model, AdapterArgs(prompt_length=4, start_layer=1))
+            reset_method_parameters(model)
+        METHODS[method].mark_trainable(model)
         randomise_trainable(model)
         options = dict(prompt_length=4, start_layer=1) if method == "adapter_v2" else {}
         args += ["--finetuned_path", save_finetuned(model, method, tmp_path / "out", base_path, **options)]

@@ -19,7 +19,7 @@ from lit_llama.data import IGNORE_INDEX, load_prepared
 from lit_llama.errors import UserError
 from lit_llama.finetuned import load_finetuned
 from lit_llama.generation import generate
-from lit_llama.training import loss_sum
+from lit_llama.training.loop import loss_sum
 from tiny_runs import as_args, finetune_main, make_inputs, settings, single_thread  # noqa: F401 (fixture)
 
 FINAL = {
@@ -77,8 +77,9 @@ def test_lora_script_from_the_command_line(inputs, tmp_path, single_thread):
     out_dir = tmp_path / "out"
     options = settings(checkpoint_path, data_dir, out_dir, max_steps=6, eval_interval=6, save_interval=4)
     del options["precision"]
-    targets = [f"--lora_{t}=true" for t in ("query", "key", "value", "projection", "mlp", "head")]
-    run_script("finetune/lora.py", *as_args(options), "--learning_rate=0.02", "--warmup_steps=0", *targets, check=True)
+    targets = "--lora.targets=[query,key,value,projection,mlp,head]"
+    run_script("finetune/lora.py", *as_args(options), "--train.learning_rate=0.02", "--train.warmup_steps=0", targets,
+               check=True)
     weights = check_run("lora", out_dir, checkpoint_path, data_dir, steps=6, save_interval=4)
     assert {k.rsplit(".", 1)[-1] for k in weights} == {"lora_A", "lora_B"}
     layers = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
@@ -86,7 +87,7 @@ def test_lora_script_from_the_command_line(inputs, tmp_path, single_thread):
     assert all(w.dtype == torch.float32 for w in weights.values())
     if (REPO / "generate" / "lora.py").is_file():  # the generate script reads what the finetune script wrote
         result = run_script(
-            "generate/lora.py", "--lora_path", out_dir / FINAL["lora"], "--max_new_tokens=4", "--temperature=0",
+            "generate/lora.py", "--finetuned_path", out_dir / FINAL["lora"], "--max_new_tokens=4", "--temperature=0",
             check=True,
         )
         assert "tokens/sec" in result.stderr
@@ -95,8 +96,8 @@ def test_lora_script_from_the_command_line(inputs, tmp_path, single_thread):
 @pytest.mark.parametrize(
     "method, options",
     [
-        ("adapter", dict(learning_rate=0.1, warmup_epochs=0, adapter_start_layer=1)),
-        ("adapter_v2", dict(learning_rate=0.05, warmup_epochs=0, adapter_start_layer=1, group_by_length=True)),
+        ("adapter", dict(learning_rate=0.1, warmup_steps=0, adapter_start_layer=1)),
+        ("adapter_v2", dict(learning_rate=0.05, warmup_steps=0, adapter_start_layer=1, group_by_length=True)),
         ("full", dict(learning_rate=0.003, warmup_steps=0)),
     ],
 )
@@ -166,7 +167,7 @@ def test_bad_input_is_one_line_and_exit_2(inputs, tmp_path, single_thread):
     out_dir = tmp_path / "out"
     result = run_script("finetune/lora.py", *as_args(settings(checkpoint_path, data_dir, out_dir, micro_batch_size=16)))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --micro_batch_size 16 must be")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --train.micro_batch_size 16 must be")
 
     lora = finetune_main("lora")
     with pytest.raises(UserError, match="nothing"):

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_close
-from lit_llama.checkpoint import save_config, save_torch
+from lit_llama.checkpoint import save_config
+from lit_llama.files import save_torch
 from lit_llama.generation import Runtime, generate, generate_batch, sample, stream_text
 from lit_llama.model import LLaMA, Config, linear, matvec_by_linear, packed_weight
 from lit_llama.tokenizer import Tokenizer

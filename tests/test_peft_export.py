@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from lit_llama.lora import add_lora, mark_only_lora_as_trainable
+from lit_llama.lora import LORA, LoRAArgs, add_lora
 from conftest import HF_ULPS, assert_close
 from tiny_finetunes import load_base, make_base, randomise_trainable, save_finetuned
 
@@ -18,15 +18,15 @@ transformers = pytest.importorskip("transformers")
 )
 def test_peft_loads_our_lora_with_the_same_logits(name, targets, tmp_path, script):
     base_path = make_base(tmp_path / "base", name)
-    model = add_lora(load_base(base_path), r=4, alpha=16, dropout=0.05, targets=targets)
-    mark_only_lora_as_trainable(model)
+    model = add_lora(load_base(base_path), LoRAArgs(r=4, alpha=16, dropout=0.05, targets=targets))
+    LORA.mark_trainable(model)
     torch.manual_seed(2)
     randomise_trainable(model, std=0.1)  # B != 0, so the adapter really changes the output
     lora_path = save_finetuned(model, "lora", tmp_path / "out", base_path, r=4, alpha=16, dropout=0.05,
                                targets=targets)
     hf_dir, peft_dir = tmp_path / "hf", tmp_path / "peft"
     script("scripts/convert_lit_checkpoint.py", "--checkpoint_path", base_path, "--output_dir", hf_dir, check=True)
-    script("scripts/convert_lora_to_peft.py", "--lora_path", lora_path, "--output_dir", peft_dir,
+    script("scripts/convert_lora_to_peft.py", "--finetuned_path", lora_path, "--output_dir", peft_dir,
            "--base_model_name_or_path", hf_dir, check=True)
 
     adapter_config = json.loads((peft_dir / "adapter_config.json").read_text())

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import torch
 
-from lit_llama.checkpoint import CHECKPOINT_NAME, save_config, save_json, save_torch
-from lit_llama.finetuned import FINETUNE_CONFIG_NAME, finetune_config
+from lit_llama.checkpoint import CHECKPOINT_NAME, save_config
+from lit_llama.files import save_json, save_torch
+from lit_llama.finetuned import FINETUNE_CONFIG_NAME, METHODS, finetune_config
 from lit_llama.model import LLaMA, Config
 from lit_llama.tokenizer import Tokenizer
 from tiny_tokenizers import make_byte_level_bpe
@@ -45,6 +46,8 @@ def save_finetuned(model: LLaMA, method: str, directory: Path, base_path: Path, 
     path = directory / f"lit-llama-{method}-finetuned.pth"
     save_torch(weights, path)
     identity = Tokenizer(base_path.parent).identity
-    record = finetune_config(method, model.config, "alpaca", identity, base_path, **options)
+    spec = METHODS[method]
+    settings = spec.options(**options) if spec.options else None
+    record = finetune_config(spec, settings, model.config, "alpaca", identity, base_path)
     save_json(record, directory / FINETUNE_CONFIG_NAME)
     return path

@@ -1,4 +1,9 @@
-"""A tiny base checkpoint, a prepared dataset it can learn quickly, and the finetune scripts called in-process."""
+"""A tiny base checkpoint, a prepared dataset it can learn quickly, and the finetune scripts called in-process.
+
+Tests describe a run with flat settings (`batch_size=8, lora_mlp=True, eval_interval=3`); `as_args` spells them as
+the scripts' flags (`--train.batch_size=8 --lora.targets=[query,value,mlp] --eval.interval=3`), and `finetune_main`
+parses those flags in-process exactly as the command line does."""
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -8,6 +13,8 @@ import torch
 from conftest import REPO
 from lit_llama.builtin_tasks import WORDS
 from lit_llama.data import prepare
+from lit_llama.lora import LORA_TARGETS
+from lit_llama.training import TrainArgs
 from lit_llama.tokenizer import Tokenizer
 from tiny_finetunes import make_base
 
@@ -36,16 +43,37 @@ def settings(checkpoint_path: Path, data_dir: Path, out_dir: Path, **overrides) 
     ) | overrides
 
 
+TRAIN_KEYS = {field.name for field in dataclasses.fields(TrainArgs)}
+
+
 def as_args(options: dict) -> list[str]:
-    return [f"--{key}={value}" for key, value in options.items()]
+    """Flat test settings as the finetune scripts' flags. `lora_<target>=True/False` adds a target to (or drops it
+    from) the default query and value."""
+    args, targets = [], ["query", "value"]
+    for key, value in options.items():
+        name = key.split("_", 1)[-1]
+        if key.startswith("lora_") and name in LORA_TARGETS:
+            targets = [t for t in LORA_TARGETS if (t == name and str(value).lower() == "true") or (t in targets and t != name)]
+            continue
+        if key in TRAIN_KEYS:
+            key = f"train.{key}"
+        elif key.startswith(("eval_", "lora_", "adapter_")):
+            key = key.replace("_", ".", 1)
+        args.append(f"--{key}={value}")
+    if any(key.startswith("lora_") for key in options):
+        args.append(f"--lora.targets=[{','.join(targets)}]")
+    return args
 
 
 def finetune_main(method: str):
-    """The `main` of finetune/<method>.py, to call in-process (one Python start-up instead of one per run)."""
+    """finetune/<method>.py run in-process on flat settings (one Python start-up instead of one per run)."""
+    from jsonargparse import CLI
+
     spec = importlib.util.spec_from_file_location(f"finetune_{method}", REPO / "finetune" / f"{method}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    settings_class = next(iter(module.main.__annotations__.values()))
+    return lambda **options: module.main(CLI(settings_class, args=as_args(options), as_positional=False))
 
 
 @pytest.fixture

@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 
 from lit_llama.data import IGNORE_INDEX
+from lit_llama.lora import LORA, LoRAArgs
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.training import load_model, loss_sum, setup_fabric
+from lit_llama.training.loop import loss_sum
+from lit_llama.training.setup import PreparedData, load_model, setup_fabric
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import measure, runner_arguments  # noqa: E402
@@ -21,9 +23,10 @@ def main() -> None:
     args = runner_arguments(__doc__)
     precision = "bf16-true"
     fabric = setup_fabric(1, 1, precision, Path(tempfile.mkdtemp(prefix="lit-llama-bench-")))
-    lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=["query", "value"])
-    meta = {"prompt_style": "alpaca"}  # only recorded in finetune_config, which the benchmark does not save
-    model, _ = load_model(fabric, args.model_dir, "lora", lora, precision, meta, Tokenizer(args.model_dir), seed=1337)
+    lora = LoRAArgs(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=["query", "value"])
+    # the prompt style is only recorded in finetune_config, which the benchmark does not save
+    data = PreparedData(train=[], val=[], meta={"prompt_style": "alpaca"}, tokenizer=Tokenizer(args.model_dir))
+    model, _ = load_model(fabric, args.model_dir, LORA, lora, precision, data, seed=1337)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     optimizer = fabric.setup_optimizers(optimizer)
     model.train()

@@ -1,0 +1,106 @@
+"""Reading and writing files safely: every write goes to a temporary file beside the target that is flushed to disk
+and then renamed into place (an interrupted or failed write never leaves a half-written file under the real name),
+and loading never unpickles Python objects (`weights_only=True`)."""
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import torch
+
+from lit_llama.errors import UserError
+
+TEMPORARY_SUFFIX = ".tmp"  # `.<name>.<random>.tmp`: what a killed write leaves behind
+
+
+@contextmanager
+def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is synced and renamed to `path`, on failure removed."""
+    with atomic_paths([path]) as (tmp,):
+        yield tmp
+
+
+@contextmanager
+def atomic_paths(paths: Sequence[Union[str, Path]]) -> Iterator[list[Path]]:
+    """Temporary paths beside several files that belong together (weights and their config, a dataset's files).
+    Only once every one is written are they synced and renamed into place, in the order given (put the file that
+    marks the set complete last); a failure before that removes the temporaries and leaves the old files as they
+    were."""
+    paths = [Path(path) for path in paths]
+    temporaries = []
+    try:
+        for path in paths:
+            temporaries.append(temporary_beside(path))
+        yield temporaries
+        for tmp in temporaries:  # the data reaches the disk before the names do: no empty file after a crash
+            sync(tmp)
+        for tmp, path in zip(temporaries, paths):
+            os.replace(tmp, path)
+        for directory in {path.parent for path in paths}:
+            sync(directory)
+    finally:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+
+
+def temporary_beside(path: Path) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    except OSError as error:
+        raise UserError(f"cannot write to {path.parent}: {error.strerror}") from None
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; a checkpoint is not a secret
+    return Path(tmp)
+
+
+def sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_torch(obj, path: Union[str, Path]) -> None:
+    save_all([(path, obj)])
+
+
+def save_json(obj, path: Union[str, Path]) -> None:
+    save_all([(path, obj)])
+
+
+def save_all(files: Sequence[tuple[Union[str, Path], object]]) -> None:
+    """Write several files as one (`atomic_paths`): `*.json` as JSON, anything else with torch.save."""
+    with atomic_paths([path for path, _ in files]) as temporaries:
+        for tmp, (path, obj) in zip(temporaries, files):
+            if str(path).endswith(".json"):
+                tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+            else:
+                torch.save(obj, tmp)
+
+
+def load_torch(path: Union[str, Path], mmap: bool = True):
+    """torch.load that only accepts tensors and plain containers, with one-line errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as error:
+        culprit = re.search(r"GLOBAL (\S+)", str(error))
+        what = f" such as {culprit.group(1)}" if culprit else ""
+        raise UserError(f"refusing to load {path}: it holds Python objects{what}, not just tensors") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        raise UserError(f"{path} is truncated or corrupt and cannot be read ({type(error).__name__})") from None

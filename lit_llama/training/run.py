@@ -1,0 +1,33 @@
+"""`finetune`: what each finetune script runs, from its settings to the saved weights."""
+from lit_llama.errors import UserError
+from lit_llama.method import Method
+from lit_llama.precision import resolve_precision
+from lit_llama.training.args import FinetuneArgs
+from lit_llama.training.loop import Run, fit
+from lit_llama.training.run_dir import claim
+from lit_llama.training.setup import load_data, load_model, setup_fabric
+
+
+def finetune(method: Method, options, settings: FinetuneArgs) -> None:
+    """Check the settings, launch one process per device, load the data and the model with `method` applied
+    (`options`: its settings dataclass, None for full finetuning), claim the out_dir and train."""
+    train, out_dir = settings.train, settings.out_dir
+    train.check(settings.devices * settings.num_nodes)
+    settings.eval.check()
+    precision = resolve_precision(settings.precision, mixed=method.trains_base_weights)
+    data = load_data(settings.data_dir, settings.checkpoint_path)
+    fabric = setup_fabric(settings.devices, settings.num_nodes, precision, out_dir)
+    model, record = load_model(
+        fabric, settings.checkpoint_path, method, options, precision, data, train.seed, train.activation_checkpointing
+    )
+    record |= {"data_dir": str(settings.data_dir), "precision": precision}
+    problem = None
+    if fabric.global_rank == 0:  # one process owns the directory; every process learns whether it may go on
+        try:
+            claim(out_dir, settings.resume, record, method.weights_name)
+        except UserError as error:
+            problem = str(error)
+    problem = fabric.broadcast(problem)
+    if problem:
+        raise UserError(problem)
+    fit(fabric, model, data, Run(out_dir, method, record, settings.resume), train, settings.eval)

@@ -1,0 +1,108 @@
+"""Getting a run ready: one process per device (FSDP2 across several), the prepared data, and the base model with
+the method's layers added and only the method's weights trainable."""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.loggers import CSVLogger
+from lightning.fabric.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+
+from lit_llama.checkpoint import checkpoint_dir, load_config, load_weights, weights_path
+from lit_llama.data import check_prepared_tokenizer, load_prepared
+from lit_llama.errors import UserError
+from lit_llama.files import load_torch
+from lit_llama.finetuned import finetune_config
+from lit_llama.method import Method
+from lit_llama.model import LLaMA
+from lit_llama.precision import autocast_dtype, weights_dtype
+from lit_llama.tokenizer import Tokenizer
+
+
+@dataclass
+class PreparedData:
+    """A prepared dataset directory's samples and meta.json, with the tokenizer they were made with."""
+
+    train: list[dict]
+    val: list[dict]
+    meta: dict
+    tokenizer: Tokenizer
+
+
+def shard_blocks(model: LLaMA, device_mesh) -> LLaMA:
+    """FSDP2: each transformer block is one unit that is gathered for its forward and backward, then freed; the
+    root (embedding, final norm, head) stays gathered between forward and backward since it is used twice."""
+    mesh = device_mesh["data_parallel"]
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    return model
+
+
+def setup_fabric(devices: int, num_nodes: int, precision: str, out_dir: Path) -> Fabric:
+    """Launch one process per device. `precision` is resolved: for `-true` precisions we cast the weights
+    ourselves (so trainable weights can stay fp32), for `-mixed` ones Fabric runs the forward under autocast."""
+    if devices < 1 or num_nodes < 1:
+        raise UserError(f"--devices ({devices}) and --num_nodes ({num_nodes}) must be at least 1")
+    world_size = devices * num_nodes
+    strategy = "auto"
+    if world_size > 1:
+        strategy = ModelParallelStrategy(shard_blocks, data_parallel_size=world_size, tensor_parallel_size=1)
+    fabric = Fabric(
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=precision if autocast_dtype(precision) else "32-true",
+        loggers=CSVLogger(out_dir, name="logs", version="", flush_logs_every_n_steps=1),
+    )
+    fabric.launch()
+    return fabric
+
+
+def load_data(data_dir: Path, checkpoint_path: Path) -> PreparedData:
+    train, val, meta = load_prepared(data_dir)
+    tokenizer = Tokenizer(checkpoint_dir(weights_path(checkpoint_path)))
+    check_prepared_tokenizer(meta, tokenizer, data_dir)
+    if not val:
+        raise UserError(f"{data_dir} has no test samples to measure validation loss on: prepare it with a test split")
+    return PreparedData(train, val, meta, tokenizer)
+
+
+def load_model(
+    fabric: Fabric, checkpoint_path: Path, method: Method, options, precision: str, data: PreparedData, seed: int,
+    activation_checkpointing: bool = False,
+) -> tuple[torch.nn.Module, dict]:
+    """The base model with the method's layers added, only the method's weights trainable, set up on the device(s).
+
+    Frozen weights are held in the precision's dtype (bf16 by default); trainable weights of LoRA and the adapters
+    stay fp32 so small updates are not rounded away. Also returns the finetune_config record.
+    """
+    path = weights_path(checkpoint_path)
+    state_dict = load_torch(path)
+    config = load_config(path, state_dict)
+    check_context(data, config.block_size)
+    record = finetune_config(method, options, config, data.meta["prompt_style"], data.tokenizer.identity, path)
+    dtype = weights_dtype(precision)
+    torch.manual_seed(seed)  # the same initial LoRA/adapter weights on every rank
+    with torch.device("meta"):
+        model = LLaMA(config)
+    load_weights(model, state_dict, path, dtype)
+    method.apply(model, options)  # the new tensors are created and initialised beside the loaded weights
+    method.mark_trainable(model)
+    if not method.trains_base_weights and dtype in (torch.bfloat16, torch.float16):
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    model.activation_checkpointing = activation_checkpointing
+    return fabric.setup_module(model), record
+
+
+def check_context(data: PreparedData, block_size: int) -> None:
+    """A sample longer than the model's context would fail at its first forward, perhaps hours in: refuse now."""
+    longest = max((len(sample["input_ids"]) for sample in data.train + data.val), default=0)
+    if longest > block_size:
+        raise UserError(
+            f"the prepared data holds a sample of {longest} tokens but the model's context is {block_size}: "
+            f"prepare it again with --max_seq_length {block_size} or less"
+        )
