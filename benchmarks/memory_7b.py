@@ -16,12 +16,10 @@ import resource
 import subprocess
 import sys
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from lit_llama.cli import run_cli
 from lit_llama.errors import UserError
@@ -53,9 +51,7 @@ def random_lora_model(
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    if activation_checkpointing:
-        for block in model.transformer.h:
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    model.activation_checkpointing = activation_checkpointing
     fabric = Fabric(accelerator="cuda" if device.startswith("cuda") else "cpu", devices=1, precision="32-true")
     return fabric.setup_module(model)
 

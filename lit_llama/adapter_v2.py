@@ -9,9 +9,10 @@ A tied output head (tie_embeddings) is the embedding matrix, not a linear layer,
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lit_llama.adapter import add_adapter, init_adapter_weights, is_adapter_parameter
-from lit_llama.model import LLaMA, Linear, RMSNorm, linear
+from lit_llama.model import LLaMA, RMSNorm
 
 
 class AdapterV2Linear(nn.Linear):
@@ -30,13 +31,13 @@ class AdapterV2Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.adapter_bias if self.bias is None else self.bias + self.adapter_bias
         # the bias rides in the matmul kernel; scale and bias may train in fp32 beside a bf16 weight
-        y = linear(x, self.weight, bias.to(self.weight.dtype))
+        y = F.linear(x, self.weight, bias.to(self.weight.dtype))
         return y * self.adapter_scale.to(y.dtype)
 
-    def merged(self) -> Linear:
+    def merged(self) -> nn.Linear:
         """The same function as a plain Linear with bias: rows of W scaled by s, bias s * b (computed in fp32)."""
         with torch.device("meta"):
-            plain = Linear(self.in_features, self.out_features, bias=True)
+            plain = nn.Linear(self.in_features, self.out_features, bias=True)
         scale = self.adapter_scale.float()
         bias = self.adapter_bias.float() + (0 if self.bias is None else self.bias.float())
         with torch.no_grad():
@@ -46,11 +47,11 @@ class AdapterV2Linear(nn.Linear):
 
 
 def add_adapter_v2(model: LLaMA, prompt_length: int = 10, start_layer: int = 2) -> LLaMA:
-    """The v1 adapter prompts, then every plain Linear made an `AdapterV2Linear`, in place. On a meta-device model
+    """The v1 adapter prompts, then every plain nn.Linear made an `AdapterV2Linear`, in place. On a meta-device model
     the new tensors stay on meta: load the base weights, then `init_adapter_v2_weights`."""
     add_adapter(model, prompt_length, start_layer)
     for name, module in list(model.named_modules()):
-        if type(module) is not Linear:
+        if type(module) is not nn.Linear:
             continue
         with torch.device("meta"):
             adapted = AdapterV2Linear(module.in_features, module.out_features, bias=module.bias is not None)

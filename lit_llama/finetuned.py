@@ -181,4 +181,5 @@ def load_finetuned(
         lora.merge_lora(model)
     elif record["method"] == "adapter_v2":
         adapter_v2.merge_adapter_v2_linears(model)
+    model.requires_grad_(False)
     return model.eval(), tokenizer, record

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.errors import UserError
-from lit_llama.model import LLaMA, Linear, linear
+from lit_llama.model import LLaMA
 
 # --lora_<flag> names -> the module paths they adapt (suffixes of the names in `model.named_modules()`)
 LORA_TARGETS = {
@@ -52,7 +52,7 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
         scaling = self.scaling
         if self.dropout > 0 and self.training:
             # dropout in one pass: x (maybe bf16) times a 0/1 mask in A's dtype (maybe fp32) is cast and dropped at
@@ -128,13 +128,13 @@ def mark_only_lora_as_trainable(model: nn.Module) -> None:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its weight and put back a plain `Linear`, in place: the result has exactly
+    """Fold every LoRA update into its weight and put back a plain `nn.Linear`, in place: the result has exactly
     the base model's modules and state-dict keys, and runs at the base model's speed and memory."""
     # names, not modules: holding every replaced layer until the end would keep all the old weights alive too
     for name in [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]:
         module = model.get_submodule(name)
         with torch.device("meta"):
-            plain = Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         with torch.no_grad():
             plain.weight = nn.Parameter(module.merged_weight(), requires_grad=module.weight.requires_grad)
         plain.bias = module.bias

@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -34,7 +33,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import fully_shard
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from lit_llama.batching import collate, epoch_steps
@@ -170,9 +168,7 @@ def load_model(
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.to(trainable_dtype)
-    if activation_checkpointing:
-        for block in model.transformer.h:  # recompute each block's activations in backward instead of storing them
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    model.activation_checkpointing = activation_checkpointing
     return fabric.setup_module(model), record
 
 
@@ -322,26 +318,13 @@ def learning_rate(step: int, peak: float, warmup: int) -> float:
 
 
 def loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Summed next-token cross-entropy over the positions whose label counts. Only those positions' hidden states
-    reach the output head: with prompts masked and padding, most logits are never computed."""
+    """Summed next-token cross-entropy over the positions whose label counts. Only those positions reach the output
+    head: with prompts masked and padding, most logits are never computed."""
     targets = labels[:, 1:]
     counted = targets != IGNORE_INDEX
-    hidden = call_as_forward(model, "features", input_ids)[:, :-1][counted]
-    logits = call_as_forward(model, "head", hidden)[:, :vocab_size]  # the padded vocabulary columns are not tokens
+    logits_at = F.pad(counted, (0, 1), value=False)  # the last position predicts no label
+    logits = model(input_ids, logits_at=logits_at)[:, :vocab_size]  # the padded vocabulary columns are not tokens
     return F.cross_entropy(logits.float(), targets[counted], reduction="sum")
-
-
-def call_as_forward(model, method: str, *args):
-    """`model.<method>(*args)` called the way forward is, through the wrapper's __call__, so that what the strategy and
-    precision attach to forward applies (FSDP2 gathers the root's sharded weights, autocast for -mixed precision).
-    Fabric's `mark_forward_method` does this only when the strategy wraps the module in another one (DDP); with FSDP2
-    and on one device it would call the method directly, past both."""
-    module = model.module
-    module.forward = getattr(module, method)  # an instance attribute shadows the class's forward for this call
-    try:
-        return model(*args)
-    finally:
-        del module.forward
 
 
 class StopRequest:
