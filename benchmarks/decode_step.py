@@ -11,6 +11,8 @@ Variants:
   the position a tensor and the cache beyond it masked: every call has the same shapes, so one compile serves every
   position (the gpt-fast route). It attends over the whole cache at every position (here: the timed position is
   the cache's last, where the others attend over as many keys).
+- `compiled static, freezing`: the same with Inductor's `freezing` (weights taken as constants and prepacked for
+  oneDNN; the compile takes several times longer and the prepacked copy of the weights is extra memory).
 """
 import importlib.util
 import statistics
@@ -54,7 +56,7 @@ def build(module, config_name: str, state_dict: dict, cache_length: int):
     return model
 
 
-def static_step(model: LLaMA):
+def static_step(model: LLaMA, freezing: bool = False):
     """One token (1, 1) at `position` (a 0-d tensor) through `model`'s modules over its whole KV cache."""
     config, length = model.config, model.max_seq_length
     cos_table, sin_table = (table[:length].to(model.transformer.wte.weight.dtype) for table in model.rope_tables("cpu"))
@@ -79,7 +81,7 @@ def static_step(model: LLaMA):
         x = model.transformer.ln_f(x)
         return F.linear(x, model.transformer.wte.weight) if model.lm_head is None else model.lm_head(x)
 
-    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, options={"freezing": freezing})
     return lambda idx, position: compiled(idx, torch.tensor(position))
 
 
@@ -105,7 +107,7 @@ def main(
         steps_per_round: Decode steps per variant per round.
         rounds: Interleaved rounds (the first is a warm-up and not counted).
         threads: torch.set_num_threads.
-        compile: Include the `compiled static` variant (a compile takes a while).
+        compile: Include the `compiled static` variants (a compile takes a minute or more).
     """
     torch.set_num_threads(threads)
     if (checkpoint_dir / "lit-llama.pth").is_file():
@@ -115,7 +117,7 @@ def main(
         state_dict = current_model.LLaMA(current_model.Config.from_name(config_name)).state_dict()
     old = model_module_at(baseline)
     cache_length = position + 1
-    variants = ["plain model", "fast_decode"] + (["compiled static"] if compile else [])
+    variants = ["plain model", "fast_decode"] + (["compiled static", "compiled static, freezing"] if compile else [])
     models = {name: build(current_model, config_name, state_dict, cache_length) for name in variants}
     models["baseline"] = build(old, config_name, state_dict, cache_length)
     if hasattr(models["baseline"], "prepare_decoding"):
@@ -126,6 +128,7 @@ def main(
     steps["fast_decode"] = DecodeStep.for_model(models["fast_decode"])
     if compile:
         steps["compiled static"] = static_step(models["compiled static"])
+        steps["compiled static, freezing"] = static_step(models["compiled static, freezing"], freezing=True)
     vocab_size = models["plain model"].config.vocab_size
     start = position + 1 - greedy_tokens
     prompt = (torch.arange(100, 100 + start) % vocab_size).view(1, -1)

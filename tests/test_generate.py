@@ -62,17 +62,19 @@ def test_batched_generation_equals_one_prompt_at_a_time():
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
-def test_logits_at_returns_exactly_the_full_forwards_rows(name):
+def test_logits_at_returns_the_full_forwards_rows_in_row_major_order(name):
     model = tiny_model(name)
     ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.rand(3, 9, generator=torch.Generator().manual_seed(4)) < 0.4
     mask[1] = False  # a row with no logits at all
+    # the head multiplies fewer rows: bit for bit the same on an Intel Xeon with AMX, but a matrix kernel may pick its
+    # summation order by the number of rows; a row out of place would be off by far more than these ulps
     with torch.inference_mode():
         full = model(ids)
-        assert torch.equal(model(ids, logits_at=mask), full[mask])
+        assert_close(model(ids, logits_at=mask), full[mask], ulps=4)
         last = torch.zeros_like(mask)
         last[:, -1] = True  # the prefill's question: one row per sequence
-        assert torch.equal(model(ids, logits_at=last), full[:, -1])
+        assert_close(model(ids, logits_at=last), full[:, -1], ulps=4)
     assert model(ids, logits_at=mask).shape == (int(mask.sum()), model.config.padded_vocab_size)
 
 
