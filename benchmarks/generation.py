@@ -1,7 +1,9 @@
 """Generation speed on this machine: lit-llama's `generate` vs Hugging Face transformers' `generate`, same weights.
 
-Both run greedy in bf16 on the same prompt and are forced to make every one of `new_tokens` tokens (EOS disabled).
-The two are interleaved A B A B ... for `rounds` rounds so that drifting load on a shared machine hits both alike;
+All run greedy in bf16 on the same prompt and are forced to make every one of `new_tokens` tokens (EOS disabled).
+lit-llama runs twice: as `generate` runs a frozen model on a CPU (fast_decode's `DecodeStep`), and through the plain
+model's modules (as it runs a model with trainable weights, e.g. evaluation during finetuning).
+They are interleaved A B C A B C ... for `rounds` rounds so that drifting load on a shared machine hits all alike;
 medians (and min-max) are reported. Also measured: the copy bandwidth of a large tensor, and from it the
 memory-bandwidth bound of decoding (every weight is read once per token) and how close we get to it.
 
@@ -32,7 +34,7 @@ def random_model(name: str) -> LLaMA:
     with torch.device("meta"):
         model = LLaMA(Config.from_name(name))
     model.to_empty(device="cpu").reset_parameters()
-    return model
+    return model.requires_grad_(False)  # frozen, as `load` returns a model
 
 
 def hf_model(model: LLaMA):
@@ -53,10 +55,14 @@ def hf_model(model: LLaMA):
     return hf.to(torch.bfloat16).eval()
 
 
-def time_ours(model: LLaMA, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
+def time_ours(model: LLaMA, prompt: torch.Tensor, new_tokens: int, fast: bool = True) -> tuple[float, list[int]]:
+    """fast=False: the plain model path, which `generate` takes for a model with trainable weights."""
+    model.requires_grad_(not fast)
     start = time.perf_counter()
     tokens = list(generate(model, prompt, new_tokens, temperature=0.0))
-    return time.perf_counter() - start, tokens
+    seconds = time.perf_counter() - start
+    model.requires_grad_(False)
+    return seconds, tokens
 
 
 @torch.inference_mode()
@@ -123,29 +129,36 @@ def main(
     model = model.to(torch.bfloat16).eval()
     prompt = torch.randint(0, model.config.vocab_size, (prompt_length,), generator=torch.Generator().manual_seed(0))
 
-    time_ours(model, prompt, 8), time_hf(hf, prompt, 8)  # warm-up: allocator, kernels, lazy inits
-    ours, theirs = [], []
+    time_ours(model, prompt, 8), time_ours(model, prompt, 8, fast=False), time_hf(hf, prompt, 8)  # warm-up
+    ours, plain, theirs = [], [], []
     for r in range(rounds):
         seconds, our_tokens = time_ours(model, prompt, new_tokens)
         ours.append(new_tokens / seconds)
+        seconds, plain_tokens = time_ours(model, prompt, new_tokens, fast=False)
+        plain.append(new_tokens / seconds)
         seconds, hf_tokens = time_hf(hf, prompt, new_tokens)
         theirs.append(new_tokens / seconds)
-        print(f"round {r + 1}: lit-llama {ours[-1]:.1f} tok/s, transformers {theirs[-1]:.1f} tok/s", file=sys.stderr)
+        print(f"round {r + 1}: lit-llama {ours[-1]:.1f} tok/s (plain model {plain[-1]:.1f}), "
+              f"transformers {theirs[-1]:.1f} tok/s", file=sys.stderr)
     agree = next((i for i, (a, b) in enumerate(zip(our_tokens, hf_tokens)) if a != b), len(our_tokens))
+    plain_agree = next((i for i, (a, b) in enumerate(zip(our_tokens, plain_tokens)) if a != b), len(our_tokens))
 
     bandwidth = copy_bandwidth()
     bound = bandwidth / bytes_per_token(model)
-    median_ours, median_theirs = statistics.median(ours), statistics.median(theirs)
+    median_ours, median_plain, median_theirs = (statistics.median(values) for values in (ours, plain, theirs))
     print(f"| machine | {cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} |")
     print(f"| versions | python {platform.python_version()}, torch {torch.__version__}, "
           f"transformers {__import__('transformers').__version__} |")
     print(f"| model | {source}, bf16, prompt {prompt_length} tokens, {new_tokens} new tokens, greedy |")
     print(f"| lit-llama | {median_ours:.1f} tok/s (min {min(ours):.1f}, max {max(ours):.1f}) |")
+    print(f"| lit-llama, plain model path | {median_plain:.1f} tok/s (min {min(plain):.1f}, max {max(plain):.1f}) |")
     print(f"| transformers | {median_theirs:.1f} tok/s (min {min(theirs):.1f}, max {max(theirs):.1f}) |")
     print(f"| ratio (medians) | {median_ours / median_theirs:.2f}x |")
-    print(f"| copy bandwidth | {bandwidth / 1e9:.1f} GB/s; weights read per token {bytes_per_token(model) / 1e6:.0f} MB |")
+    print(f"| copy bandwidth | {bandwidth / 1e9:.1f} GB/s; "
+          f"weights read per token {bytes_per_token(model) / 1e6:.0f} MB |")
     print(f"| bandwidth bound | {bound:.1f} tok/s; lit-llama reaches {100 * median_ours / bound:.0f}% of it |")
-    print(f"| same greedy tokens | the first {agree} of {new_tokens} agree |")
+    print(f"| same greedy tokens | transformers: the first {agree} of {new_tokens} agree; plain model path: "
+          f"{plain_agree} of {new_tokens} |")
 
 
 if __name__ == "__main__":

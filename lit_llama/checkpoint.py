@@ -97,7 +97,8 @@ def load_weights(model: LLaMA, state_dict: dict, source: Union[str, Path], dtype
 def load(
     checkpoint_path: Union[str, Path], device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None
 ):
-    """`model, tokenizer = load("checkpoints/x/lit-llama.pth")`: the model in eval mode and its tokenizer."""
+    """`model, tokenizer = load("checkpoints/x/lit-llama.pth")`: the model for inference (eval mode, no weight
+    requiring gradients: call `requires_grad_()` to train it) and its tokenizer."""
     from lit_llama.tokenizer import Tokenizer
 
     path = weights_path(checkpoint_path)
@@ -106,5 +107,5 @@ def load(
     with torch.device("meta"):
         model = LLaMA(config)
     load_weights(model, state_dict, path, dtype)
-    model = model.to(device).eval()
+    model = model.to(device).eval().requires_grad_(False)
     return model, Tokenizer(checkpoint_dir(path))

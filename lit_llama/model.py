@@ -1,12 +1,12 @@
-"""A compact LLaMA: config, RMSNorm, RoPE, grouped-query attention with a preallocated KV cache, SwiGLU MLP, and the
-straight-line one-token step that generation takes through it (`DecodeStep`).
+"""A compact LLaMA: config, RMSNorm, RoPE, grouped-query attention with a preallocated KV cache, SwiGLU MLP. The
+plain reference model: generation's CPU fast path for one-token steps lives in lit_llama/fast_decode.py.
 
 Weight names follow Hugging Face's Llama layout (q_proj, k_proj, ...) so conversions are plain renames,
 and queries/keys use the "rotate half" RoPE convention that Hugging Face checkpoints are stored in.
 """
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -164,9 +164,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """Keys and values for positions [0, max_seq_length), allocated once and filled in place."""
 
-    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_length: int, head_size: int, device, dtype) -> None:
+    def __init__(self, batch_size: int, n_query_groups: int, max_seq_length: int, head_size: int, device, dtype):
         super().__init__()
-        shape = (batch_size, n_kv_heads, max_seq_length, head_size)
+        shape = (batch_size, n_query_groups, max_seq_length, head_size)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
@@ -175,78 +175,6 @@ class KVCache(nn.Module):
         self.k[: k.size(0), :, input_pos:end] = k
         self.v[: v.size(0), :, input_pos:end] = v
         return self.k[: k.size(0), :, :end], self.v[: v.size(0), :, :end]
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear, except that one row on a CPU (a decode step of one sequence) goes through torch.mv: the same
-    numbers, 1.4-1.7x faster there than the matrix-matrix kernel F.linear picks (BENCHMARKS.md, "Generation").
-    Autocast keeps F.linear: it does not cast torch.mv."""
-    if x.numel() == x.size(-1) and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-        row = x.reshape(-1)
-        y = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)
-        return y.view(*x.shape[:-1], -1)
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """nn.Linear through `linear`: the model's layers, so that fine-tuning wrappers (LoRA, adapter v2) can tell
-    a plain layer by its type."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-PackedWeight = tuple[torch.Tensor, tuple[int, ...]]  # the packed matrix, and the addresses of the weights in it
-
-
-def pack_weights(layers: list[nn.Linear]) -> Optional[PackedWeight]:
-    """Put the weights of layers that read the same input (q, k, v; gate, up) back to back in one block of memory,
-    each weight a view of its rows: no memory is added (weights memory-mapped from a checkpoint are copied out of the
-    mapping, whose pages stay behind as reclaimable file cache), and `packed_product` then reads them as one matrix
-    (one matrix-vector product per decode step instead of several small ones: faster decoding on a CPU).
-    A trainable weight stays the tensor the optimizer holds (only its data moves). Sharded (distributed) weights
-    and layers wrapped by LoRA or adapters are left alone (None is returned)."""
-    if not all(type(layer) is nn.Linear and layer.bias is None for layer in layers):
-        return None
-    if not all(type(layer.weight.data) is torch.Tensor for layer in layers):
-        return None
-    if packed_weight(layers) is None:
-        with torch.inference_mode(False), torch.no_grad():  # a weight must not become an inference-only tensor
-            block = torch.cat([layer.weight for layer in layers])
-            for layer, rows in zip(layers, block.split([layer.out_features for layer in layers])):
-                layer.weight.data = rows
-    return packed_weight(layers), tuple(layer.weight.data_ptr() for layer in layers)
-
-
-def packed_weight(layers: list[nn.Linear]) -> Optional[torch.Tensor]:
-    """The layers' weights as one (rows, in_features) matrix if they lie back to back in one block, else None (as
-    they do again once a weight is replaced: LoRA merged, the model moved to another dtype)."""
-    if not all(type(layer) is nn.Linear and layer.bias is None for layer in layers):
-        return None
-    first = layers[0].weight
-    storage, address = first.untyped_storage().data_ptr(), first.data_ptr()
-    for layer in layers:
-        weight = layer.weight
-        same_block = weight.untyped_storage().data_ptr() == storage and weight.data_ptr() == address
-        if not same_block or not weight.is_contiguous() or weight.dtype != first.dtype:
-            return None
-        address += weight.numel() * weight.element_size()
-    rows = sum(layer.out_features for layer in layers)
-    return first.detach().as_strided((rows, first.size(1)), (first.size(1), 1))
-
-
-def packed_product(x: torch.Tensor, layers: list[nn.Linear], packed: Optional[PackedWeight]) -> Optional[torch.Tensor]:
-    """The layers' outputs side by side, (..., sum of out_features), from one matrix-vector product: for one row of x,
-    where `pack_weights` packed their weights (`packed`), no weight was replaced since (LoRA merged, the model cast)
-    and no gradient is needed (the packed matrix is a detached view). Else None: call the layers one by one.
-    Each output is its own dot product, so the numbers stay the same (bit for bit in bf16); a matrix-matrix kernel
-    may block a wider matrix differently, so more rows go layer by layer."""
-    if packed is None or x.numel() != x.size(-1) or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return None
-    weight, addresses = packed
-    if tuple(layer.weight.data_ptr() for layer in layers) != addresses:
-        return None
-    return linear(x, weight)
 
 
 class CausalSelfAttention(nn.Module):
@@ -259,7 +187,6 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, config.n_query_groups * hs, bias=False)
         self.o_proj = nn.Linear(config.n_head * hs, config.n_embd, bias=False)
         self.kv_cache: Optional[KVCache] = None
-        self.packed: Optional[PackedWeight] = None  # q, k and v packed for generation (`pack_weights`)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[int] = None
@@ -271,16 +198,9 @@ class CausalSelfAttention(nn.Module):
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """(B, T, C) -> q (B, n_head, T, hs), k and v (B, n_query_groups, T, hs), with RoPE applied."""
         B, T, _ = x.shape
-        n_head, n_kv, hs = self.config.n_head, self.config.n_query_groups, self.config.head_size
-        layers = [self.q_proj, self.k_proj, self.v_proj]
-        qkv = packed_product(x, layers, self.packed)
-        if qkv is not None:  # one product made the q, k and v heads side by side: RoPE turns q's and k's in one go
-            heads = qkv.view(B, T, n_head + 2 * n_kv, hs)
-            qk = apply_rope(heads[:, :, : n_head + n_kv], cos, sin)
-            q, k, v = qk[:, :, :n_head], qk[:, :, n_head:], heads[:, :, n_head + n_kv :]
-        else:
-            q, k, v = (layer(x).view(B, T, -1, hs) for layer in layers)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        hs = self.config.head_size
+        q, k, v = (layer(x).view(B, T, -1, hs) for layer in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[int]) -> torch.Tensor:
@@ -311,12 +231,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
-        self.packed: Optional[PackedWeight] = None  # gate and up packed for generation (`pack_weights`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = packed_product(x, [self.gate_proj, self.up_proj], self.packed)
-        gate, up = (self.gate_proj(x), self.up_proj(x)) if gate_up is None else gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -353,8 +270,8 @@ class LLaMA(nn.Module):
         # RoPE tables are derived data, not weights: kept out of the state dict and rebuilt per device
         self.rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.max_seq_length = config.block_size
-        self.activation_checkpointing = False  # recompute each block's activations in backward instead of storing them
-        self.decode_step: Optional[DecodeStep] = None  # set for a generation by `prepare_decoding`
+        # recompute each block's activations in backward instead of storing them (training memory for time)
+        self.activation_checkpointing = False
 
     def forward(
         self, idx: torch.Tensor, input_pos: Optional[int] = None, logits_at: Optional[torch.Tensor] = None
@@ -362,15 +279,10 @@ class LLaMA(nn.Module):
         """idx: (B, T) token ids. input_pos: position of idx[:, 0] when generating with the KV cache.
 
         Returns logits of shape (B, T, padded_vocab_size); the first `vocab_size` columns are real tokens.
-        logits_at: a bool (B, T) mask: logits only where it is True, as (N, padded_vocab_size) rows in row-major order
+        `logits_at`, a bool (B, T) mask, computes the output head only where it is True and returns those
+        positions' logits as (N, padded_vocab_size) rows in row-major order (training's label positions, the
+        prefill's last position): the head is the largest matrix of a small model.
         """
-        if self.decode_step is not None and self.decode_step.applies(idx, input_pos):
-            return self.decode_step(idx, input_pos)
-        x = self.features(idx, input_pos)
-        return self.head(x if logits_at is None else x[logits_at])
-
-    def features(self, idx: torch.Tensor, input_pos: Optional[int] = None) -> torch.Tensor:
-        """The final normalised hidden states (B, T, n_embd), before the output projection."""
         T = idx.size(1)
         start = input_pos or 0
         limit = self.max_seq_length
@@ -382,16 +294,17 @@ class LLaMA(nn.Module):
         x = self.transformer.wte(idx)
         # cast once here rather than in every layer (a no-op in fp32); (T, 1, hs) to broadcast over the heads
         cos, sin = (table[start : start + T].to(x.dtype).unsqueeze(1) for table in self.rope_tables(idx.device))
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.transformer.h:
-            if self.activation_checkpointing and torch.is_grad_enabled():
+            if recompute:
                 x = checkpoint(block, x, cos, sin, input_pos, use_reentrant=False)
             else:
                 x = block(x, cos, sin, input_pos)
-        return self.transformer.ln_f(x)
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is None:
-            return linear(x, self.transformer.wte.weight)
+        x = self.transformer.ln_f(x)
+        if logits_at is not None:
+            x = x[logits_at]
+        if self.lm_head is None:  # tied: the output head is the embedding table
+            return F.linear(x, self.transformer.wte.weight)
         return self.lm_head(x)
 
     def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,29 +322,15 @@ class LLaMA(nn.Module):
         device = device or reference.device
         dtype = dtype or reference.dtype
         self.max_seq_length = max_seq_length
-        self.decode_step = None  # it would write to the old caches: `prepare_decoding` again
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(
                 batch_size, self.config.n_query_groups, max_seq_length, self.config.head_size, device, dtype
             )
 
-    def prepare_decoding(self) -> None:
-        """After `setup_kv_cache`: faster generation with the same numbers. Packs each block's q, k, v and gate, up
-        weights (`pack_weights`) and, for a model of plain layers with a KV cache for one sequence, sets up the
-        straight-line one-token step that `forward` then takes (`DecodeStep`). That step holds the tensors it found:
-        call this again after replacing weights; `setup_kv_cache` and `clear_kv_cache` drop it."""
-        for block in self.transformer.h:
-            block.attn.packed = pack_weights([block.attn.q_proj, block.attn.k_proj, block.attn.v_proj])
-            block.mlp.packed = pack_weights([block.mlp.gate_proj, block.mlp.up_proj])
-        self.decode_step = DecodeStep.for_model(self)
-
     def clear_kv_cache(self) -> None:
-        """Drop the KV cache and what `prepare_decoding` set up (the weights stay where packing put them)."""
         self.max_seq_length = self.config.block_size
-        self.decode_step = None
         for block in self.transformer.h:
             block.attn.kv_cache = None
-            block.attn.packed = block.mlp.packed = None
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -443,97 +342,3 @@ class LLaMA(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
-
-
-def matvec_by_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight @ x as `linear` computes one row off a CPU: F.linear on a (1, in_features) matrix."""
-    return F.linear(x.view(1, -1), weight).view(-1)
-
-
-class DecodeLayer(NamedTuple):
-    """What a decode step reads of one block: its norm weights, packed and plain matrices and KV cache."""
-
-    norm_1: torch.Tensor
-    qkv: torch.Tensor
-    o_proj: torch.Tensor
-    norm_2: torch.Tensor
-    gate_up: torch.Tensor
-    down_proj: torch.Tensor
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-
-
-class DecodeStep:
-    """One new token of one sequence through the whole model as straight-line tensor code, over tensors looked up
-    once per generation: `LLaMA.forward`'s numbers (the same operations on the same tensors, bit for bit) without its
-    per-layer module calls, attribute lookups and batch and head bookkeeping, which on a CPU are ~1/6 of a small
-    model's decode step (BENCHMARKS.md, "Generation"). Only for plain layers: LoRA, adapters or hooks keep the
-    module path."""
-
-    def __init__(self, model: LLaMA) -> None:
-        config = model.config
-        self.n_head, self.n_query_groups, self.head_size = config.n_head, config.n_query_groups, config.head_size
-        self.eps = config.norm_eps
-        self.layers = [
-            DecodeLayer(
-                block.norm_1.weight, block.attn.packed[0], block.attn.o_proj.weight,
-                block.norm_2.weight, block.mlp.packed[0], block.mlp.down_proj.weight,
-                block.attn.kv_cache.k, block.attn.kv_cache.v,
-            )
-            for block in model.transformer.h
-        ]
-        self.wte = model.transformer.wte.weight
-        self.ln_f = model.transformer.ln_f.weight
-        self.lm_head = self.wte if model.lm_head is None else model.lm_head.weight
-        self.cos, self.sin = model.rope_tables(self.wte.device)
-        self.cache_length = model.max_seq_length
-        # what `linear` runs for one row, chosen once: its checks cost more than they seem between weight reads
-        self.matvec = torch.mv if self.wte.device.type == "cpu" else matvec_by_linear
-
-    @classmethod
-    def for_model(cls, model: LLaMA) -> Optional["DecodeStep"]:
-        """The step for `model`, or None where its layers are not all plain ones, packed, with a one-sequence cache
-        (and no hooks, which the step would skip)."""
-        if model.lm_head is not None and not (type(model.lm_head) is nn.Linear and model.lm_head.bias is None):
-            return None
-        if any(module._forward_hooks or module._forward_pre_hooks for module in model.modules()):
-            return None
-        for block in model.transformer.h:
-            plain = (type(block), type(block.attn), type(block.mlp)) == (Block, CausalSelfAttention, MLP)
-            plain = plain and type(block.norm_1) is RMSNorm and type(block.norm_2) is RMSNorm
-            plain = plain and all(type(layer) is nn.Linear and layer.bias is None
-                                  for layer in (block.attn.o_proj, block.mlp.down_proj))
-            packed = block.attn.packed is not None and block.mlp.packed is not None
-            cache = block.attn.kv_cache
-            if not (plain and packed and cache is not None and cache.k.size(0) == 1):
-                return None
-        return cls(model)
-
-    def applies(self, idx: torch.Tensor, input_pos: Optional[int]) -> bool:
-        """Whether `LLaMA.forward(idx, input_pos)` is a step this covers: one token of one sequence within the cache,
-        no gradient, no autocast and no compiling (a compiled model traces the module path)."""
-        return (
-            not torch.compiler.is_compiling()
-            and input_pos is not None
-            and idx.shape == (1, 1)
-            and input_pos < self.cache_length
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(idx.device.type)
-        )
-
-    def __call__(self, idx: torch.Tensor, position: int) -> torch.Tensor:
-        """Logits (1, 1, padded_vocab_size) for token idx (1, 1) at `position`, its key and value cached."""
-        n_head, n_kv, hs = self.n_head, self.n_query_groups, self.head_size
-        x = self.wte[int(idx)]
-        cos, sin = self.cos[position].to(x.dtype), self.sin[position].to(x.dtype)
-        for layer in self.layers:
-            heads = self.matvec(layer.qkv, rms_norm(x, layer.norm_1, self.eps)).view(n_head + 2 * n_kv, hs)
-            qk = apply_rope(heads[: n_head + n_kv], cos, sin)
-            layer.k_cache[0, :, position] = qk[n_head:]
-            layer.v_cache[0, :, position] = heads[n_head + n_kv :]
-            k, v = layer.k_cache[:, :, : position + 1], layer.v_cache[:, :, : position + 1]
-            y = F.scaled_dot_product_attention(qk[:n_head].view(1, n_head, 1, hs), k, v, enable_gqa=n_kv != n_head)
-            x = x + self.matvec(layer.o_proj, y.view(-1))
-            gate, up = self.matvec(layer.gate_up, rms_norm(x, layer.norm_2, self.eps)).chunk(2)
-            x = x + self.matvec(layer.down_proj, F.silu(gate) * up)
-        return self.matvec(self.lm_head, rms_norm(x, self.ln_f, self.eps)).view(1, 1, -1)

@@ -98,10 +98,10 @@ def test_gpu_benchmark_smoke_on_cpu():
 def test_decode_step_before_after_smoke(tmp_path):
     result = run_script(
         "benchmarks/decode_step.py", "--checkpoint_dir", str(tmp_path / "absent"), "--config_name", "tiny",
-        "--position", "8", "--rounds", "2", "--steps_per_round", "1",
+        "--position", "8", "--greedy_tokens", "4", "--rounds", "2", "--steps_per_round", "1", "--compile", "false",
     )
     assert result.returncode == 0, result.stderr
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")][1:]
-    assert [row[0].strip() for row in rows] == ["baseline", "module path", "current"]
-    # the random weights are the same for all three, so are the logits (fp32 init, bf16 run)
+    assert [row[0].strip() for row in rows] == ["baseline", "plain model", "fast_decode"]
+    # the random weights are the same for all three, so are the greedy tokens (fp32 init, bf16 run)
     assert all(row[3].strip() == "True" for row in rows)

@@ -11,6 +11,8 @@ import torch
 from conftest import HF_ULPS, assert_close, run_script
 from lit_llama import load
 from lit_llama.convert import config_from_hf, config_to_hf, hf_to_lit_name, lit_to_hf_name
+from lit_llama.fast_decode import DecodeStep
+from lit_llama.generation import generate
 from lit_llama.model import LLaMA, Config
 
 transformers = pytest.importorskip("transformers")
@@ -366,11 +368,11 @@ def test_smollm2_tokenizer_matches_transformers_gguf_loader(smollm2_dir):
 
 
 def test_a_model_saved_after_generating_converts_to_hf(tmp_path):
-    """Generation packs q/k/v and gate/up into one block each; a state dict saved afterwards holds views of shared
-    storages, which torch.save, our loader and safetensors must all take."""
+    """Generation's fast step packs a frozen model's q/k/v and gate/up into one block each; a state dict saved
+    afterwards holds views of shared storages, which torch.save, our loader and safetensors must all take."""
     torch.manual_seed(0)
-    model = LLaMA(Config.from_name("tiny")).eval()
-    model.prepare_decoding()
+    model = LLaMA(Config.from_name("tiny")).eval().requires_grad_(False)
+    list(generate(model, torch.tensor([1, 2, 3]), max_new_tokens=2, temperature=0.0))
     state_dict = model.state_dict()
     q, k = state_dict["transformer.h.0.attn.q_proj.weight"], state_dict["transformer.h.0.attn.k_proj.weight"]
     assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
@@ -384,3 +386,32 @@ def test_a_model_saved_after_generating_converts_to_hf(tmp_path):
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
     idx = torch.randint(0, 320, (1, 9))
     assert_close(hf_logits(hf, idx), lit_logits(lit_dir, idx), ulps=HF_ULPS)
+
+
+def hf_copy(model: LLaMA):
+    """transformers' LlamaForCausalLM with `model`'s weights (the padded vocabulary rows cut off)."""
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(model.config)))
+    vocab = model.config.vocab_size
+    state_dict = {lit_to_hf_name(k): v[:vocab] if k in ("transformer.wte.weight", "lm_head.weight") else v
+                  for k, v in model.state_dict().items()}
+    hf.load_state_dict(state_dict, strict=False)  # a tied head has no key of its own
+    return hf.eval()
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])  # MHA with its own head; GQA with a tied head
+def test_greedy_tokens_of_the_fast_step_the_plain_model_and_transformers_agree(name):
+    torch.manual_seed(0)
+    model = LLaMA(Config.from_name(name)).eval().requires_grad_(False)
+    for parameter in model.parameters():  # wider than the 0.02 init, so greedy decoding wanders
+        if parameter.dim() == 2:
+            torch.nn.init.normal_(parameter, std=0.2)
+    prompt = torch.tensor([5, 17, 42, 99])
+    model.setup_kv_cache(batch_size=1, max_seq_length=8)
+    assert DecodeStep.for_model(model) is not None
+    fast = list(generate(model, prompt, max_new_tokens=24, temperature=0.0))
+    plain = list(generate(model.requires_grad_(True), prompt, max_new_tokens=24, temperature=0.0))  # no fast step
+    with torch.no_grad():
+        hf = hf_copy(model).generate(prompt.view(1, -1), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                     eos_token_id=None, pad_token_id=0)
+    assert fast == plain == hf[0, prompt.size(0) :].tolist()
+    assert len(set(fast)) > 1

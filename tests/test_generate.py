@@ -5,25 +5,26 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import assert_close
 from lit_llama.checkpoint import save_config
 from lit_llama.files import save_torch
 from lit_llama.generation import Runtime, generate, generate_batch, sample, stream_text
-from lit_llama.model import LLaMA, Config, linear, matvec_by_linear, packed_weight
+from lit_llama.fast_decode import DecodeStep, packed_weight
+from lit_llama.model import LLaMA, Config
 from lit_llama.tokenizer import Tokenizer
 from tiny_tokenizers import make_byte_level_bpe, make_sentencepiece
 
 
 def tiny_model(name: str = "tiny", seed: int = 0) -> LLaMA:
-    """Random weights wider than the usual 0.02 init, so greedy decoding wanders instead of repeating one token."""
+    """Random weights wider than the usual 0.02 init, so greedy decoding wanders instead of repeating one token.
+    Frozen and in eval mode, as `lit_llama.checkpoint.load` returns a model (so generation takes fast_decode)."""
     torch.manual_seed(seed)
     model = LLaMA(Config.from_name(name))
     for parameter in model.parameters():
         if parameter.dim() == 2:
             torch.nn.init.normal_(parameter, std=0.2)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 @torch.inference_mode()
@@ -45,7 +46,8 @@ def test_kv_cache_generation_equals_full_recompute(name, prompt_length):
     assert with_cache == greedy_without_cache(model, prompt, 24)
     assert len(set(with_cache)) > 1  # a degenerate model repeating one token would prove little
     assert all(block.attn.kv_cache is None for block in model.transformer.h)  # the cache is released afterwards
-    assert model.decode_step is None
+    # the same tokens through the plain modules (a trainable model gets no fast step)
+    assert list(generate(model.requires_grad_(True), prompt, max_new_tokens=24, temperature=0.0)) == with_cache
 
 
 def test_batched_generation_equals_one_prompt_at_a_time():
@@ -60,25 +62,48 @@ def test_batched_generation_equals_one_prompt_at_a_time():
         assert row[:end] == reference[:end]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_row_linear_is_f_linear_bit_for_bit(dtype):
-    generator = torch.Generator().manual_seed(3)
-    for rows, columns in [(64, 64), (172, 64), (320, 64), (192, 576)]:
-        weight = torch.randn(rows, columns, generator=generator).to(dtype)
-        bias = torch.randn(rows, generator=generator).to(dtype)
-        x = torch.randn(1, 1, columns, generator=generator).to(dtype)
-        assert torch.equal(linear(x, weight), F.linear(x, weight))
-        assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
-        assert linear(x, weight).shape == (1, 1, rows)
+@pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
+def test_logits_at_returns_the_full_forwards_rows_in_row_major_order(name):
+    model = tiny_model(name)
+    ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.rand(3, 9, generator=torch.Generator().manual_seed(4)) < 0.4
+    mask[1] = False  # a row with no logits at all
+    # the head multiplies fewer rows: bit for bit the same on an Intel Xeon with AMX, but a matrix kernel may pick its
+    # summation order by the number of rows; a row out of place would be off by far more than these ulps
+    with torch.inference_mode():
+        full = model(ids)
+        assert_close(model(ids, logits_at=mask), full[mask], ulps=4)
+        last = torch.zeros_like(mask)
+        last[:, -1] = True  # the prefill's question: one row per sequence
+        assert_close(model(ids, logits_at=last), full[:, -1], ulps=4)
+    assert model(ids, logits_at=mask).shape == (int(mask.sum()), model.config.padded_vocab_size)
 
 
-def assert_same_numbers(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Bit for bit in bf16 (torch's own matrix-vector kernel); within rounding in fp32, where MKL's sgemv sums a
-    taller matrix in a different order."""
-    if a.dtype == torch.bfloat16:
-        assert torch.equal(a, b)
-    else:
-        assert_close(a, b)
+@pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
+def test_activation_checkpointing_gives_the_same_gradients(name):
+    model, recomputing = tiny_model(name).requires_grad_(True), tiny_model(name).requires_grad_(True)
+    recomputing.activation_checkpointing = True
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    for m in (model, recomputing):
+        m(ids).logsumexp(-1).sum().backward()
+    for (name, plain), recomputed in zip(model.named_parameters(), recomputing.parameters()):
+        assert torch.equal(recomputed.grad, plain.grad), name
+    with torch.no_grad():  # without gradients nothing is recomputed: the plain path
+        assert torch.equal(recomputing(ids), model(ids))
+
+
+def test_a_trainable_model_gets_no_fast_step_and_keeps_its_weights_storage():
+    # evaluation generates mid-training: the optimizer's tensors must stay where they are
+    model = tiny_model("tiny-gqa").requires_grad_(False)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.endswith("q_proj.weight")  # one trainable weight is enough
+    storages = {name: p.untyped_storage().data_ptr() for name, p in model.named_parameters()}
+    model.setup_kv_cache(batch_size=1, max_seq_length=8)
+    assert DecodeStep.for_model(model) is None
+    prompt = torch.tensor([5, 17, 42])
+    reference = list(generate(tiny_model("tiny-gqa").requires_grad_(True), prompt, 8, temperature=0.0))
+    assert list(generate(model, prompt, 8, temperature=0.0)) == reference
+    assert {name: p.untyped_storage().data_ptr() for name, p in model.named_parameters()} == storages
 
 
 def block_projections(model: LLaMA) -> list[list[torch.nn.Linear]]:
@@ -93,37 +118,48 @@ def test_packed_weights_change_no_number_and_add_no_memory(dtype):
     model = tiny_model("tiny-gqa").to(dtype)
     reference = copy.deepcopy(model)
     parameters_before = [id(p) for p in model.parameters()]
-    model.prepare_decoding()
-    assert [id(p) for p in model.parameters()] == parameters_before  # the same tensors (an optimizer's hold them)
+    model.setup_kv_cache(batch_size=1, max_seq_length=12)
+    assert DecodeStep.for_model(model) is not None
+    model.clear_kv_cache()
+    assert [id(p) for p in model.parameters()] == parameters_before  # the same tensors
     for layers in block_projections(model):
         assert packed_weight(layers) is not None
         assert len({layer.weight.untyped_storage().data_ptr() for layer in layers}) == 1  # one block, no copy
     assert packed_weight(block_projections(reference)[0]) is None
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
-        assert torch.equal(model(ids), reference(ids))  # many rows: layer by layer
-        assert_same_numbers(model(ids[:1, :1]), reference(ids[:1, :1]))  # one row: one torch.mv per group
+        assert torch.equal(model(ids), reference(ids))
+        assert torch.equal(model(ids[:1, :1]), reference(ids[:1, :1]))
     prompt = ids[0]
     assert list(generate(model, prompt, 10, temperature=0.0)) == greedy_without_cache(reference, prompt, 10)
 
 
 def test_packed_weights_train_and_unpack_correctly():
     model, reference = tiny_model("tiny"), tiny_model("tiny")
-    model.prepare_decoding()
+    model.setup_kv_cache(batch_size=1, max_seq_length=8)
+    DecodeStep.for_model(model)
+    model.clear_kv_cache()
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
-    for m in (model, reference):  # gradients flow to every weight, packed or not
+    for m in (model, reference):  # a model unfrozen after generating trains as one never packed
+        m.requires_grad_(True)
         m(ids).logsumexp(-1).sum().backward()
     for (name, packed), plain in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(packed.grad, plain.grad, msg=name)
-    # a replaced weight (as LoRA merging does) leaves the block: its group is computed layer by layer again
+        assert torch.equal(packed.grad, plain.grad), name
+    # a replaced weight (as LoRA merging does) leaves the block; the next step packs it again
+    model.requires_grad_(False)
     attn = model.transformer.h[0].attn
-    attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach() * 2)
-    reference.transformer.h[0].attn.k_proj.weight.data *= 2
+    attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach() * 2, requires_grad=False)
     assert packed_weight([attn.q_proj, attn.k_proj, attn.v_proj]) is None
-    with torch.inference_mode():
-        assert_same_numbers(model(ids[:1, :1]), reference(ids[:1, :1]))
+    model.setup_kv_cache(batch_size=1, max_seq_length=8)
+    DecodeStep.for_model(model)
+    assert packed_weight([attn.q_proj, attn.k_proj, attn.v_proj]) is not None
     model.to(torch.bfloat16)  # new tensors for every weight: nothing is packed any more
     assert all(packed_weight(layers) is None for layers in block_projections(model))
+
+
+# the step multiplies through torch.mv where the module path calls F.linear on one row: bit for bit the same on an
+# Intel Xeon with AMX, but another CPU's kernels may sum in another order (last bits of bf16, rounding of fp32)
+STEP_ULPS = {torch.float32: 64, torch.bfloat16: 4}
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])  # MHA with its own head; GQA with a tied head
@@ -133,69 +169,48 @@ def test_decode_step_gives_the_module_path_numbers(name, dtype):
     reference = copy.deepcopy(model)
     for m in (model, reference):
         m.setup_kv_cache(batch_size=1, max_seq_length=12)
-        m.prepare_decoding()
-    assert model.decode_step is not None
-    reference.decode_step = None  # the same packed weights, through the modules
+    step = DecodeStep.for_model(model)
     prompt = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
         for m in (model, reference):
             m(prompt, input_pos=0)
         for position, token in enumerate([7, 3, 11, 2, 300, 9, 0], start=5):
             idx = torch.tensor([[token]])
-            assert torch.equal(model(idx, input_pos=position), reference(idx, input_pos=position))
+            expected = reference(idx, input_pos=position)
+            actual = step(idx, position)
+            assert actual.shape == expected.shape and actual.dtype == expected.dtype
+            assert_close(actual.float(), expected.float(), ulps=STEP_ULPS[dtype])
     for block, reference_block in zip(model.transformer.h, reference.transformer.h):
-        assert torch.equal(block.attn.kv_cache.k, reference_block.attn.kv_cache.k)
-        assert torch.equal(block.attn.kv_cache.v, reference_block.attn.kv_cache.v)
-
-
-def test_decode_step_product_off_a_cpu_is_the_linear_one():
-    # off a CPU the step multiplies through F.linear, as `linear` does there; on a CPU F.linear and torch.mv agree
-    # bit for bit on these shapes (test_one_row_linear_is_f_linear_bit_for_bit), so the plumbing can be tried here
-    model = tiny_model("tiny-gqa").to(torch.bfloat16)
-    reference = copy.deepcopy(model)
-    for m in (model, reference):
-        m.setup_kv_cache(batch_size=1, max_seq_length=8)
-        m.prepare_decoding()
-    assert model.decode_step.matvec is torch.mv
-    model.decode_step.matvec = matvec_by_linear
-    reference.decode_step = None
-    with torch.inference_mode():
-        for m in (model, reference):
-            m(torch.tensor([[1, 2, 3]]), input_pos=0)
-        for position, token in enumerate([7, 3, 11], start=3):
-            idx = torch.tensor([[token]])
-            assert torch.equal(model(idx, input_pos=position), reference(idx, input_pos=position))
+        assert_close(block.attn.kv_cache.k.float(), reference_block.attn.kv_cache.k.float(), ulps=STEP_ULPS[dtype])
+        assert_close(block.attn.kv_cache.v.float(), reference_block.attn.kv_cache.v.float(), ulps=STEP_ULPS[dtype])
 
 
 def test_decode_step_only_where_it_gives_the_same_numbers():
-    from lit_llama.adapter import add_adapter
+    from lit_llama.adapter import AdapterArgs, add_adapter
     from lit_llama.adapter_v2 import add_adapter_v2
-    from lit_llama.lora import add_lora
+    from lit_llama.lora import LoRAArgs, add_lora
 
-    def prepared(model, batch_size=1):
+    def step_for(model, batch_size=1):
         model.setup_kv_cache(batch_size=batch_size, max_seq_length=8)
-        model.prepare_decoding()
-        return model.decode_step
+        return DecodeStep.for_model(model)
 
-    assert prepared(tiny_model()) is not None
-    assert prepared(tiny_model(), batch_size=2) is None
-    assert prepared(add_lora(tiny_model(), r=2, alpha=4, dropout=0.0, targets=["query", "value"])) is None
-    assert prepared(add_adapter(tiny_model(), prompt_length=2, start_layer=1)) is None
-    assert prepared(add_adapter_v2(tiny_model(), prompt_length=2, start_layer=1)) is None
+    assert step_for(tiny_model()) is not None
+    assert DecodeStep.for_model(tiny_model()) is None  # no KV cache
+    assert step_for(tiny_model(), batch_size=2) is None
+    assert step_for(tiny_model().requires_grad_(True)) is None
+    for with_method in (
+        lambda m: add_lora(m, LoRAArgs(r=2, alpha=4, dropout=0.0, targets=["query", "value"])),
+        lambda m: add_adapter(m, AdapterArgs(prompt_length=2, start_layer=1)),
+        lambda m: add_adapter_v2(m, AdapterArgs(prompt_length=2, start_layer=1)),
+    ):
+        assert step_for(with_method(tiny_model()).requires_grad_(False)) is None
     hooked = tiny_model()
     hooked.transformer.h[1].mlp.register_forward_hook(lambda module, args, output: output * 2)
-    assert prepared(hooked) is None
-    model = tiny_model()
-    step = prepared(model)
-    token = torch.tensor([[4]])
-    assert not step.applies(token, 0)  # gradients on
-    with torch.inference_mode():
-        assert step.applies(token, 7) and not step.applies(token, 8)  # past the cache: the module path's error
-        assert not step.applies(torch.tensor([[4, 5]]), 0) and not step.applies(token, None)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not step.applies(token, 0)
-    model.setup_kv_cache(batch_size=1, max_seq_length=8)  # new caches: the step over the old ones is dropped
-    assert model.decode_step is None
+    assert step_for(hooked) is None
+    compiled = torch.compile(tiny_model())
+    assert step_for(compiled) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert step_for(tiny_model()) is None
 
 
 def test_compiled_generation_agrees_with_eager():
