@@ -10,6 +10,7 @@ setup(
         "torch>=2.5",
         "lightning>=2.4",
         "sentencepiece",
+        "protobuf",  # to read a SentencePiece model's pieces and settings
         "tokenizers",
         "safetensors",
         "tqdm",

@@ -165,7 +165,7 @@ def tokenize(
     with tqdm(total=len(records), desc="tokenizing", unit=" records") as progress:
         for start in range(0, len(records), chunk_size):
             chunk = records[start : start + chunk_size]
-            prompts = tokenizer.encode_batch([style.apply(r["instruction"], r["input"]) for r in chunk])
+            prompts = tokenizer.encode_batch([style.apply(r["instruction"], r["input"]) for r in chunk], eos=False)
             responses = tokenizer.encode_batch([r["output"] for r in chunk], bos=False, eos=True)
             all_ids, all_labels = [], []
             for prompt, response in zip(prompts, responses):
