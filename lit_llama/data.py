@@ -159,8 +159,13 @@ def tokenize(
     Prompt and response are tokenized separately and concatenated: the label boundary is then exact even for BPE
     tokenizers that would merge across it, and the prompt ids are those the model will see at generation time.
     The samples of a chunk are views into one tensor, so saving and loading handle a few large storages, not two
-    small ones per sample.
+    small ones per sample. A checkpoint's chat template renders prompt and response as one text instead (its own
+    special tokens, its own end-of-turn token): lit_llama/chat_data.py.
     """
+    if style.renders_special_tokens:
+        from lit_llama.chat_data import tokenize_instructions
+
+        return tokenize_instructions(records, tokenizer, style, max_seq_length, mask_inputs)
     samples, truncated = [], []
     with tqdm(total=len(records), desc="tokenizing", unit=" records") as progress:
         for start in range(0, len(records), chunk_size):
@@ -197,14 +202,14 @@ def prepare(
     max_seq_length: int,
     seed: int,
     mask_inputs: bool,
-    prompt_style: str,
+    prompt_style: Union[str, PromptStyle],
     skip_long: bool,
 ) -> dict:
     """Split, tokenize and write `records` into `destination_path`; returns the meta.json content."""
-    style = PromptStyle.from_name(prompt_style)
+    style = prompt_style if isinstance(prompt_style, PromptStyle) else PromptStyle.from_name(prompt_style)
     if max_seq_length < 2:
         raise UserError(f"--max_seq_length {max_seq_length} is too small: a sample needs a prompt token and EOS")
-    if tokenizer.eos_id is None:
+    if tokenizer.eos_id is None and not style.renders_special_tokens:
         raise UserError(f"tokenizer {tokenizer.path} defines no EOS token, so responses cannot be terminated")
     train, test = split_records(records, test_split_size, seed, source)
     # separately, so that test.pt holds no storage shared with training samples

@@ -119,6 +119,17 @@ class Tokenizer:
         suffix = self.special_suffix if eos is None else [self.eos_id] if eos and self.eos_id is not None else []
         return [prefix + ids + suffix for ids in batch]
 
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """(ids, start character of each token) of each text, without BOS/EOS: for labelling tokens by the part of
+        the text they come from."""
+        encodings = self.processor.encode_batch(texts, add_special_tokens=False)
+        return [(e.ids, [start for start, _ in e.offsets]) for e in encodings]
+
+    @cached_property
+    def special_token_texts(self) -> frozenset:
+        """The texts of the special tokens (<s>, <|im_end|>, <|eot_id|>, ...), as they appear in rendered prompts."""
+        return frozenset(t.content for t in self.processor.get_added_tokens_decoder().values() if t.special)
+
     @property
     def add_bos(self) -> bool:
         """Whether `encode` starts a text with BOS by default."""
