@@ -100,7 +100,8 @@ class Tokenizer:
                 )
         extra = [token_text(t) for t in config.get("additional_special_tokens") or []]
         missing = [t for t in [*self.special_tokens.values(), *extra] if t is not None and t not in known]
-        self.processor.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)])
+        missing = dict.fromkeys(missing)  # once each, in order
+        self.processor.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
 
     def token_id(self, token) -> Optional[int]:
         token = token_text(token)
@@ -184,7 +185,9 @@ def sentencepiece_as_tokenizers(path: Path, config: dict):
     scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
     strip = [decoders.Strip(" ", 1, 0)] if add_prefix_space else []
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip]
+    )
     kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
     tokenizer.add_tokens([  # control pieces (<s>, </s>) are special, user-defined ones are plain added tokens
         AddedToken(piece.piece, special=piece.type == kinds.CONTROL, normalized=False)

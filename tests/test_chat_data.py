@@ -15,7 +15,9 @@ from lit_llama.data import IGNORE_INDEX, load_prepared, prepare, tokenize
 from lit_llama.errors import UserError
 from lit_llama.prompts import PromptStyle, resolve_prompt_style
 from lit_llama.tokenizer import Tokenizer
-from tiny_tokenizers import TEMPLATES, make_byte_level_bpe, make_chat_checkpoint, make_llama3_like
+from tiny_tokenizers import (
+    TEMPLATES, make_byte_level_bpe, make_chat_checkpoint, make_llama3_like, smollm2_chat_template,
+)
 
 pytest.importorskip("google.protobuf", reason="reading a SentencePiece model needs protobuf")
 
@@ -168,8 +170,9 @@ def test_prepare_chat_script_reads_openai_and_sharegpt_records(tmp_path, monkeyp
     prepare_chat = load_script("prepare_chat")
     for source in ("chat.jsonl", "chat.json"):
         out = tmp_path / source.replace(".", "-")
-        monkeypatch.setattr(sys, "argv", ["prepare_chat.py", "--data_file", str(tmp_path / source), "--destination_path",
-                                          str(out), "--checkpoint_dir", str(directory), "--test_split_size", "3"])
+        args = ["--data_file", tmp_path / source, "--destination_path", out, "--checkpoint_dir", directory,
+                "--test_split_size", 3]
+        monkeypatch.setattr(sys, "argv", ["prepare_chat.py", *map(str, args)])
         run_cli(prepare_chat.main)
         train, test, meta = load_prepared(out)
         assert (len(train), len(test), meta["train_size"], meta["test_size"]) == (6, 3, 6, 3)
@@ -224,3 +227,23 @@ def test_no_conversation_fitting_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no conversation of records fits in --max_seq_length 4"):
         prepare_conversations(CHATS * 2, tmp_path / "out", Tokenizer(directory), resolve_prompt_style(None, directory),
                               "records", test_split_size=1, max_seq_length=4, seed=0)
+
+
+@pytest.mark.slow
+def test_shipped_smollm2_conversations_are_transformers_tokenized_chat(tmp_path):
+    """The real SmolLM2 tokenizer and template (converted from the shipped GGUF): a prepared conversation is exactly
+    transformers' tokenized chat up to the last reply's <|im_end|>, and only the replies are labelled."""
+    transformers = pytest.importorskip("transformers")
+    smollm2_chat_template()  # skips without the GGUF package
+    from conftest import run_script
+
+    run_script("scripts/convert_gguf_checkpoint.py", "--output_dir", tmp_path, check=True)
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    tokenizer, style = Tokenizer(tmp_path), resolve_prompt_style(None, tmp_path)
+    samples, _, _ = tokenize_conversations(CHATS, tokenizer, style, 10**6)
+    for sample, chat in zip(samples, CHATS):
+        expected = list(reference.apply_chat_template(chat, tokenize=True, return_dict=False))
+        ids = sample["input_ids"].tolist()
+        assert ids == expected[: len(ids)] and ids[-1] == reference.convert_tokens_to_ids("<|im_end|>")
+        replies = [m["content"] + "<|im_end|>" for m in chat if m["role"] == "assistant"]
+        assert [tokenizer.decode(ids[start:end]) for start, end in labelled_runs(sample)] == replies

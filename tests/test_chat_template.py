@@ -49,7 +49,7 @@ def test_smollm2_template_adds_the_default_system_turn_that_chatml_omits(tmp_pat
 
 def test_tojson_keeps_non_ascii_and_html_as_transformers_does(tmp_path):
     make_byte_level_bpe(tmp_path)
-    template = "{% for message in messages %}{{ message | tojson }}{{ message['content'] | tojson(indent=2) }}{% endfor %}"
+    template = "{% for m in messages %}{{ m | tojson }}{{ m['content'] | tojson(indent=2) }}{% endfor %}"
     with_template(tmp_path, template)
     messages = [{"role": "user", "content": "<b>café</b> & \"東京\""}]
     expected = transformers.AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(messages, tokenize=False)

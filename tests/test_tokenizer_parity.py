@@ -60,7 +60,8 @@ KINDS = {  # name: (how to build it, extra texts, whether transformers starts a 
     "json-from-sentencepiece": (sentencepiece_saved_as_tokenizer_json, LLAMA2_SPECIAL_TEXTS, True),
     "sentencepiece-add-bos": (llama2_kind(), LLAMA2_SPECIAL_TEXTS, True),
     "sentencepiece-add-bos-eos": (llama2_kind({"add_eos_token": True}), LLAMA2_SPECIAL_TEXTS, True),
-    "sentencepiece-no-flags": (llama2_kind({"add_bos_token": None, "add_eos_token": None}), LLAMA2_SPECIAL_TEXTS, False),
+    "sentencepiece-no-flags": (
+        llama2_kind({"add_bos_token": None, "add_eos_token": None}), LLAMA2_SPECIAL_TEXTS, False),
     "sentencepiece-legacy-prefix": (llama2_kind({"legacy": True}), LLAMA2_SPECIAL_TEXTS, True),
     "sentencepiece-added-tokens": (
         llama2_kind({"added_tokens_decoder": {

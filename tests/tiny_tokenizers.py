@@ -1,6 +1,7 @@
 """Tiny tokenizers trained in a second from a few sentences, so tests need no download:
 a SentencePiece model (LLaMA-like: adds BOS) and a byte-level BPE tokenizer.json (SmolLM2-like: no BOS, ChatML),
 Llama 2 and Llama 3 look-alikes, and chat templates in the shapes of the Instruct families."""
+import functools
 import importlib.metadata
 import io
 import json
@@ -102,7 +103,8 @@ LLAMA3 = (
     "{{- 'Cutting Knowledge Date: December 2023\nToday Date: ' + date_string + '\n\n' }}"
     "{{- system_message }}{{- '<|eot_id|>' }}"
     "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{{- message['content'] | trim + '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
 )
@@ -149,6 +151,7 @@ QWEN = (
 )
 
 
+@functools.lru_cache(maxsize=1)  # reading the GGUF takes seconds: once per session
 def smollm2_chat_template() -> str:
     """The template the SmolLM2-135M-Instruct GGUF ships (the one convert_gguf_checkpoint.py writes)."""
     try:
@@ -175,7 +178,8 @@ def chatml_tokenizer(directory: Path) -> None:
 def qwen_tokenizer(directory: Path) -> None:
     make_byte_level_bpe(directory)
     config = json.loads((directory / "tokenizer_config.json").read_text())
-    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": None, "pad_token": "<|endoftext|>"}))
+    config.update(bos_token=None, pad_token="<|endoftext|>")
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 # name: (template or a function returning it, tokenizer builder, the token that closes an assistant turn)
