@@ -1,7 +1,8 @@
 """Instruction datasets, from a JSON/JSONL/CSV file of (instruction, input, output) records to token tensors.
 
 A prepared dataset directory holds:
-  train.pt, test.pt  lists of {"input_ids", "labels"} (1-D long tensors): [BOS] prompt response EOS, with the labels
+  train.pt, test.pt  lists of {"input_ids", "labels"} (1-D long tensors): [BOS] prompt response EOS (through a
+                     chat template: the template's text, the reply closed by its end-of-turn token), with the labels
                      of the prompt set to -100 when inputs are masked, so the loss only covers the response
   test.json          the raw held-out records in the order of test.pt (evaluation generates from them)
   meta.json          tokenizer identity, prompt style, sizes and the other settings used
