@@ -10,6 +10,8 @@ setup(
         "torch>=2.5",
         "lightning>=2.4",
         "sentencepiece",
+        "protobuf",  # to read a SentencePiece model's pieces and settings
+        "jinja2>=3.1",  # to render the chat templates of Instruct checkpoints
         "tokenizers",
         "safetensors",
         "tqdm",

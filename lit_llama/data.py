@@ -1,7 +1,8 @@
 """Instruction datasets, from a JSON/JSONL/CSV file of (instruction, input, output) records to token tensors.
 
 A prepared dataset directory holds:
-  train.pt, test.pt  lists of {"input_ids", "labels"} (1-D long tensors): [BOS] prompt response EOS, with the labels
+  train.pt, test.pt  lists of {"input_ids", "labels"} (1-D long tensors): [BOS] prompt response EOS (through a
+                     chat template: the template's text, the reply closed by its end-of-turn token), with the labels
                      of the prompt set to -100 when inputs are masked, so the loss only covers the response
   test.json          the raw held-out records in the order of test.pt (evaluation generates from them)
   meta.json          tokenizer identity, prompt style, sizes and the other settings used
@@ -159,13 +160,18 @@ def tokenize(
     Prompt and response are tokenized separately and concatenated: the label boundary is then exact even for BPE
     tokenizers that would merge across it, and the prompt ids are those the model will see at generation time.
     The samples of a chunk are views into one tensor, so saving and loading handle a few large storages, not two
-    small ones per sample.
+    small ones per sample. A checkpoint's chat template renders prompt and response as one text instead (its own
+    special tokens, its own end-of-turn token): lit_llama/chat_data.py.
     """
+    if style.renders_special_tokens:
+        from lit_llama.chat_data import tokenize_instructions
+
+        return tokenize_instructions(records, tokenizer, style, max_seq_length, mask_inputs)
     samples, truncated = [], []
     with tqdm(total=len(records), desc="tokenizing", unit=" records") as progress:
         for start in range(0, len(records), chunk_size):
             chunk = records[start : start + chunk_size]
-            prompts = tokenizer.encode_batch([style.apply(r["instruction"], r["input"]) for r in chunk])
+            prompts = tokenizer.encode_batch([style.apply(r["instruction"], r["input"]) for r in chunk], eos=False)
             responses = tokenizer.encode_batch([r["output"] for r in chunk], bos=False, eos=True)
             all_ids, all_labels = [], []
             for prompt, response in zip(prompts, responses):
@@ -197,14 +203,14 @@ def prepare(
     max_seq_length: int,
     seed: int,
     mask_inputs: bool,
-    prompt_style: str,
+    prompt_style: Union[str, PromptStyle],
     skip_long: bool,
 ) -> dict:
     """Split, tokenize and write `records` into `destination_path`; returns the meta.json content."""
-    style = PromptStyle.from_name(prompt_style)
+    style = prompt_style if isinstance(prompt_style, PromptStyle) else PromptStyle.from_name(prompt_style)
     if max_seq_length < 2:
         raise UserError(f"--max_seq_length {max_seq_length} is too small: a sample needs a prompt token and EOS")
-    if tokenizer.eos_id is None:
+    if tokenizer.eos_id is None and not style.renders_special_tokens:
         raise UserError(f"tokenizer {tokenizer.path} defines no EOS token, so responses cannot be terminated")
     train, test = split_records(records, test_split_size, seed, source)
     # separately, so that test.pt holds no storage shared with training samples

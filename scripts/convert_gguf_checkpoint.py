@@ -160,15 +160,24 @@ def build_tokenizer(meta: dict):
 
 def write_tokenizer(tokenizer, meta: dict, output_dir: Path, block_size: int) -> None:
     """tokenizer.json plus the files that say which tokens are BOS/EOS and whether to prepend BOS."""
-    save_json(json.loads(tokenizer.to_str()), output_dir / "tokenizer.json")
+    from tokenizers import processors
+
     tokens = meta["tokenizer.ggml.tokens"]
     token_ids = {key: meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "padding")}
+    # llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise; transformers (and our
+    # Tokenizer) take BOS from tokenizer.json's post-processor, not from add_bos_token
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama"))
+    if add_bos and token_ids["bos"] is not None:
+        bos = tokens[token_ids["bos"]]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, token_ids["bos"])]
+        )
+    save_json(json.loads(tokenizer.to_str()), output_dir / "tokenizer.json")
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None if token_ids["bos"] is None else tokens[token_ids["bos"]],
         "eos_token": None if token_ids["eos"] is None else tokens[token_ids["eos"]],
-        # llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")),
+        "add_bos_token": add_bos,
         "model_max_length": block_size,
     }
     if token_ids["padding"] is not None:

@@ -4,6 +4,7 @@ from typing import Optional
 
 from lit_llama.cli import run_cli
 from lit_llama.data import download, load_records, load_tokenizer, prepare
+from lit_llama.prompts import resolve_prompt_style
 
 DATA_URL = "https://raw.githubusercontent.com/tloen/alpaca-lora/main/alpaca_data_cleaned_archive.json"
 
@@ -17,7 +18,7 @@ def main(
     max_seq_length: int = 256,
     seed: int = 42,
     mask_inputs: bool = True,
-    prompt_style: str = "alpaca",
+    prompt_style: Optional[str] = None,
     skip_long: bool = False,
 ) -> None:
     """Download (unless --data_file is given), split and tokenize Alpaca into train.pt, test.pt, test.json, meta.json.
@@ -31,7 +32,8 @@ def main(
         max_seq_length: Samples longer than this (in tokens) are truncated, keeping their EOS.
         seed: Seed of the train/test split.
         mask_inputs: Compute the loss on the response only (prompt labels set to -100).
-        prompt_style: Prompt template: "alpaca", "chatml" or one you registered in lit_llama/prompts.py.
+        prompt_style: Prompt template: "alpaca", "chatml", "chat_template" (the checkpoint's own) or one you
+            registered in lit_llama/prompts.py; default: the checkpoint's chat template if it has one, else alpaca.
         skip_long: Drop samples longer than max_seq_length instead of truncating them.
     """
     tokenizer = load_tokenizer(checkpoint_dir, tokenizer_path)
@@ -41,7 +43,8 @@ def main(
     records = load_records(data_file)
     prepare(
         records, destination_path, tokenizer, source=str(data_file), test_split_size=test_split_size,
-        max_seq_length=max_seq_length, seed=seed, mask_inputs=mask_inputs, prompt_style=prompt_style,
+        max_seq_length=max_seq_length, seed=seed, mask_inputs=mask_inputs,
+        prompt_style=resolve_prompt_style(prompt_style, tokenizer.path.parent),
         skip_long=skip_long,
     )
 

@@ -6,6 +6,7 @@ from lit_llama.builtin_tasks import generate
 from lit_llama.files import save_json
 from lit_llama.cli import run_cli
 from lit_llama.data import load_records, load_tokenizer, prepare
+from lit_llama.prompts import resolve_prompt_style
 
 
 def main(
@@ -17,7 +18,7 @@ def main(
     max_seq_length: int = 128,
     seed: int = 42,
     mask_inputs: bool = True,
-    prompt_style: str = "chatml",
+    prompt_style: Optional[str] = None,
     skip_long: bool = False,
 ) -> None:
     """Generate the built-in tasks into builtin.json (Alpaca format plus "task"), then split and tokenize them into
@@ -32,7 +33,8 @@ def main(
         max_seq_length: Samples longer than this (in tokens) are truncated, keeping their EOS.
         seed: Seed of the generator and of the train/test split.
         mask_inputs: Compute the loss on the response only (prompt labels set to -100).
-        prompt_style: Prompt template: "chatml" (SmolLM2-Instruct's), "alpaca", or one you registered.
+        prompt_style: Prompt template: "alpaca", "chatml", "chat_template" (the checkpoint's own) or one you
+            registered in lit_llama/prompts.py; default: the checkpoint's chat template if it has one, else alpaca.
         skip_long: Drop samples longer than max_seq_length instead of truncating them.
     """
     tokenizer = load_tokenizer(checkpoint_dir, tokenizer_path)
@@ -43,7 +45,8 @@ def main(
     assert len({(r["instruction"], r["input"]) for r in records}) == len(records)
     prepare(
         records, destination_path, tokenizer, source=f"builtin tasks (seed {seed})", test_split_size=test_split_size,
-        max_seq_length=max_seq_length, seed=seed, mask_inputs=mask_inputs, prompt_style=prompt_style,
+        max_seq_length=max_seq_length, seed=seed, mask_inputs=mask_inputs,
+        prompt_style=resolve_prompt_style(prompt_style, tokenizer.path.parent),
         skip_long=skip_long,
     )
 

@@ -4,6 +4,7 @@ from typing import Optional
 
 from lit_llama.cli import run_cli
 from lit_llama.data import load_records, load_tokenizer, prepare
+from lit_llama.prompts import resolve_prompt_style
 
 
 def main(
@@ -19,7 +20,7 @@ def main(
     max_seq_length: int = 256,
     seed: int = 42,
     mask_inputs: bool = True,
-    prompt_style: str = "alpaca",
+    prompt_style: Optional[str] = None,
     skip_long: bool = False,
 ) -> None:
     """Split and tokenize a .json, .jsonl or .csv file into train.pt, test.pt, test.json and meta.json.
@@ -37,14 +38,16 @@ def main(
         max_seq_length: Samples longer than this (in tokens) are truncated, keeping their EOS.
         seed: Seed of the train/test split.
         mask_inputs: Compute the loss on the response only (prompt labels set to -100).
-        prompt_style: Prompt template: "alpaca", "chatml" or one you registered in lit_llama/prompts.py.
+        prompt_style: Prompt template: "alpaca", "chatml", "chat_template" (the checkpoint's own) or one you
+            registered in lit_llama/prompts.py; default: the checkpoint's chat template if it has one, else alpaca.
         skip_long: Drop samples longer than max_seq_length instead of truncating them.
     """
     tokenizer = load_tokenizer(checkpoint_dir, tokenizer_path)
     records = load_records(data_file, instruction_field, input_field, output_field, task_field)
     prepare(
         records, destination_path, tokenizer, source=str(data_file), test_split_size=test_split_size,
-        max_seq_length=max_seq_length, seed=seed, mask_inputs=mask_inputs, prompt_style=prompt_style,
+        max_seq_length=max_seq_length, seed=seed, mask_inputs=mask_inputs,
+        prompt_style=resolve_prompt_style(prompt_style, tokenizer.path.parent),
         skip_long=skip_long,
     )
 

@@ -227,7 +227,8 @@ def test_prepare_builtin_script_splits_are_disjoint(tmp_path, bpe_dir, script):
     held_out = json.loads((out / "test.json").read_text())
     train, test, meta = load_prepared(out)
     assert everything == generate(200, seed=42)
-    assert len(train) == 160 and len(test) == 40 and meta["prompt_style"] == "chatml" and meta["truncated"] == 0
+    assert len(train) == 160 and len(test) == 40 and meta["truncated"] == 0
+    assert meta["prompt_style"] == "alpaca"  # the default of a checkpoint without a chat template
     held_keys = {(r["instruction"], r["input"]) for r in held_out}
     train_keys = {(r["instruction"], r["input"]) for r in everything} - held_keys
     assert len(held_keys) == 40 and len(train_keys) == 160  # no record in both splits
