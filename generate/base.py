@@ -36,7 +36,7 @@ def main(settings: GenerateArgs) -> None:
     model, tokenizer = load(settings.checkpoint_path, runtime.device, runtime.dtype)
     if settings.tokenizer_path is not None:
         tokenizer = Tokenizer(settings.tokenizer_path)
-    generate_text(model, tokenizer, settings.prompt, runtime, settings, echo=True)
+    generate_text(model, tokenizer, tokenizer.encode(settings.prompt), runtime, settings, prefix=settings.prompt)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ from typing import Optional
 
 import torch
 
+from lit_llama.chat_data import load_conversation
 from lit_llama.cli import run_cli
 from lit_llama.finetuned import load_finetuned
 from lit_llama.generation import SamplingArgs, generate_text, setup_runtime
-from lit_llama.prompts import PromptStyle
+from lit_llama.prompts import resolve_prompt_style
 
 
 @dataclass
@@ -30,12 +31,15 @@ class GenerateFinetunedArgs(SamplingArgs):
         checkpoint_path: The base checkpoint (default: the one recorded in finetune_config.json).
         prompt: The instruction.
         input: Optional context for the instruction (the "input" field of Alpaca-style data).
+        messages: Instead of --prompt, a JSON file holding a conversation ([{"role": ..., "content": ...}, ...] or a
+            record with "messages"): the model answers the next assistant turn.
     """
 
     finetuned_path: Path = Path("out/lora/alpaca/lit-llama-lora-finetuned.pth")
     checkpoint_path: Optional[Path] = None
     prompt: str = "What food do llamas eat?"
     input: str = ""
+    messages: Optional[Path] = None
 
 
 def main(settings: GenerateFinetunedArgs) -> None:
@@ -43,8 +47,12 @@ def main(settings: GenerateFinetunedArgs) -> None:
     model, tokenizer, record = load_finetuned(
         settings.finetuned_path, settings.checkpoint_path, runtime.device, runtime.dtype
     )
-    prompt = PromptStyle.from_name(record["prompt_style"]).apply(settings.prompt, settings.input)
-    generate_text(model, tokenizer, prompt, runtime, settings)
+    style = resolve_prompt_style(record["prompt_style"], tokenizer.path.parent)
+    if settings.messages is None:
+        prompt_ids = style.prompt_ids(tokenizer, settings.prompt, settings.input)
+    else:
+        prompt_ids = style.conversation_ids(tokenizer, load_conversation(settings.messages))
+    generate_text(model, tokenizer, prompt_ids, runtime, settings)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ Each conversation is rendered through the prompt style's chat template and token
 `apply_chat_template` would; the loss covers every assistant turn, from where the template's generation prompt ends
 through the token that closes the turn (the model must learn to stop), and nothing else.
 """
+import json
 from pathlib import Path
 from typing import Union
 
 from tqdm import tqdm
 
-from lit_llama.data import IGNORE_INDEX, flat_tensor, parse_json, parse_jsonl, split_records, write_all
+from lit_llama.data import IGNORE_INDEX, flat_tensor, parse_json, parse_jsonl, split_records, write_prepared
 from lit_llama.errors import UserError
 from lit_llama.prompts import ROLES, PromptStyle, join_instruction
 from lit_llama.tokenizer import Tokenizer
@@ -41,7 +42,20 @@ def load_conversations(path: Union[str, Path]) -> list[list[dict]]:
     return [to_conversation(row, number, path) for number, row in enumerate(rows, 1)]
 
 
-def to_conversation(row, number: int, path: Path) -> list[dict]:
+def load_conversation(path: Union[str, Path]) -> list[dict]:
+    """One conversation to continue (generate/finetuned.py --messages): a JSON file holding a list of messages or one
+    record with "messages" (or ShareGPT "conversations"); unlike training data it need not hold an assistant turn."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"conversation file not found: {path}")
+    try:
+        row = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not a JSON conversation: {error}") from None
+    return to_conversation({"messages": row} if isinstance(row, list) else row, 1, path, needs_reply=False)
+
+
+def to_conversation(row, number: int, path: Path, needs_reply: bool = True) -> list[dict]:
     where = f"{path}, record {number}"
     if not isinstance(row, dict):
         raise UserError(f"{where} is a {type(row).__name__}, expected an object with a 'messages' list")
@@ -72,7 +86,7 @@ def to_conversation(row, number: int, path: Path) -> list[dict]:
             kind = "null" if content is None else type(content).__name__
             raise UserError(f"{at}: field {content_key!r} must be a string, not {kind}")
         messages.append({"role": roles[role], "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    if needs_reply and not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{where}: field {field!r} has no assistant turn to learn from")
     return messages
 
@@ -215,10 +229,7 @@ def prepare_conversations(
         "format": "conversations",
     }
     test_records = [{"messages": test[i]} for i in test_kept]
-    write_all(
-        destination_path,
-        [("train.pt", train_samples), ("test.pt", test_samples), ("test.json", test_records), ("meta.json", meta)],
-    )
+    write_prepared(destination_path, train_samples, test_samples, test_records, meta)
     print(
         f"{meta['train_size']} train and {meta['test_size']} test conversations in {destination_path} (of "
         f"{len(conversations)}: truncated {counts['truncated']}, skipped {counts['skipped']}, dropped "

@@ -233,15 +233,19 @@ def prepare(
         "skipped": sum(truncated) if skip_long else 0,
         "source": source,
     }
-    # all or nothing: a failure leaves the dataset that was there before (meta.json, which marks it complete, last)
-    files = [("train.pt", train_samples), ("test.pt", test_samples), ("test.json", test), ("meta.json", meta)]
-    save_all([(Path(destination_path) / name, obj) for name, obj in files])
+    write_prepared(destination_path, train_samples, test_samples, test, meta)
     long_note = f"skipped {meta['skipped']}" if skip_long else f"truncated {meta['truncated']}"
     print(
         f"{meta['train_size']} train and {meta['test_size']} test samples in {destination_path} "
         f"({long_note} of {len(records)} records longer than {max_seq_length} tokens)"
     )
     return meta
+
+
+def write_prepared(directory: Path, train: list[dict], test: list[dict], test_records: list, meta: dict) -> None:
+    """All or nothing: a failure leaves the dataset that was there before (meta.json, which marks it complete, last)."""
+    files = [("train.pt", train), ("test.pt", test), ("test.json", test_records), ("meta.json", meta)]
+    save_all([(Path(directory) / name, obj) for name, obj in files])
 
 
 def load_prepared(data_dir: Union[str, Path]) -> tuple[list[dict], list[dict], dict]:

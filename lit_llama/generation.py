@@ -256,16 +256,18 @@ class SamplingArgs:
             raise UserError(f"--temperature must be a finite number of 0 or more, got {self.temperature}")
 
 
-def generate_text(model: LLaMA, tokenizer, text: str, runtime: Runtime, settings: SamplingArgs, echo: bool = False):
-    """What a generate script does once its model is loaded: compile it if asked, encode `text` and generate
-    `settings.num_samples` samples (`echo`: print `text` before each); returns their token ids."""
+def generate_text(
+    model: LLaMA, tokenizer, prompt_ids: torch.Tensor, runtime: Runtime, settings: SamplingArgs, prefix: str = ""
+):
+    """What a generate script does once its model is loaded: compile it if asked and generate `settings.num_samples`
+    continuations of `prompt_ids` (each printed after `prefix`); returns their token ids."""
     print(f"Loaded in {time.perf_counter() - runtime.started:.2f} sec ({runtime.precision} on {runtime.device})",
           file=sys.stderr)
     if settings.compile:
         model = torch.compile(model, dynamic=True)
-    if not text and tokenizer.bos_id is None:
-        raise UserError("the prompt is empty and the tokenizer has no BOS token to start from: give a --prompt")
+    if prompt_ids.numel() == 0:
+        raise UserError("the prompt is empty and the tokenizer adds no BOS token to start from: give a --prompt")
     return generate_samples(
-        model, tokenizer, tokenizer.encode(text), runtime, settings.num_samples, settings.max_new_tokens,
-        settings.temperature, settings.top_k, settings.top_p, prefix=text if echo else "",
+        model, tokenizer, prompt_ids, runtime, settings.num_samples, settings.max_new_tokens, settings.temperature,
+        settings.top_k, settings.top_p, prefix=prefix,
     )

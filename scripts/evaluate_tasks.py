@@ -5,6 +5,7 @@ Works for a base checkpoint (`--checkpoint_path` alone) and for LoRA, adapter an
 """
 import json
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -15,12 +16,14 @@ from tqdm import tqdm
 
 from lit_llama.checkpoint import load
 from lit_llama.files import save_json
-from lit_llama.data import load_records
+from lit_llama.data import load_records, parse_json, parse_jsonl
 from lit_llama.cli import run_cli
 from lit_llama.finetuned import load_finetuned
 from lit_llama.generation import generate_batch
 from lit_llama.precision import resolve_precision, weights_dtype
-from lit_llama.prompts import PromptStyle
+from lit_llama.chat_data import load_conversations
+from lit_llama.errors import UserError
+from lit_llama.prompts import resolve_prompt_style
 
 ANSWER_SLACK_TOKENS = 4  # room for a different tokenization of the same text, and for the stop token
 
@@ -45,8 +48,10 @@ def main(
             to evaluate the base model.
         data_dir: a prepared dataset; its test.json holds the held-out records.
         data_file: instead of data_dir, your own JSON, JSONL or CSV records with instruction, input (optional),
-            output and task (optional) fields.
-        prompt_style: the prompt template; default: the finetuning's, else the dataset's, else alpaca.
+            output and task (optional) fields, or conversations ({"messages": [...]}; the last assistant turn is
+            the reference answer).
+        prompt_style: the prompt template; default: the finetuning's, else the dataset's, else the checkpoint's own
+            chat template, else alpaca.
         max_records: evaluate only the first N records.
         max_new_tokens: the longest answer generated (generation also stops a few tokens past the reference's
             length, where an exact match is no longer possible).
@@ -54,8 +59,10 @@ def main(
         precision: Fabric precision name; default bf16 where supported.
         output_json: where the per-record answers and the scores are written.
     """
-    records_file = data_file or data_dir / "test.json"
-    records = load_records(records_file)[:max_records]
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {batch_size}")
+    check_writable(output_json)  # before the long work, not after it
+    records = evaluation_records(data_file or data_dir / "test.json")[:max_records]
     dtype = weights_dtype(resolve_precision(precision))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if finetuned_path is None:
@@ -64,12 +71,21 @@ def main(
     else:
         model, tokenizer, finetune_config = load_finetuned(finetuned_path, checkpoint_path, device=device, dtype=dtype)
         trained_style = finetune_config.get("prompt_style")
-    style = PromptStyle.from_name(prompt_style or trained_style or dataset_prompt_style(data_dir, data_file))
+    style = resolve_prompt_style(
+        prompt_style or trained_style or dataset_prompt_style(data_dir, data_file), tokenizer.path.parent
+    )
 
     # records whose prompts have the same token length are answered together, one decode step for the whole group
-    prompts = [tokenizer.encode(style.apply(r["instruction"], r.get("input", ""))) for r in records]
+    prompts = [
+        style.conversation_ids(tokenizer, r["messages"]) if "messages" in r
+        else style.prompt_ids(tokenizer, r["instruction"], r.get("input", ""))
+        for r in records
+    ]
     # an answer much longer than the reference cannot match it: stop there instead of letting the model ramble
-    budgets = [min(max_new_tokens, len(tokenizer.encode(r["output"], bos=False)) + ANSWER_SLACK_TOKENS) for r in records]
+    budgets = [
+        min(max_new_tokens, len(tokenizer.encode(r["output"], bos=False, eos=False)) + ANSWER_SLACK_TOKENS)
+        for r in records
+    ]
     by_length = defaultdict(list)
     for i, prompt in enumerate(prompts):
         by_length[prompt.size(0)].append(i)
@@ -94,9 +110,8 @@ def main(
         task = record.get("task", "all")
         correct_by_task[task] += exact
         total_by_task[task] += 1
-        results.append(
-            {"task": task, "input": record.get("input", ""), "expected": record["output"], "answer": answers[i], "exact": exact}
-        )
+        shown = record.get("input", "") if "messages" not in record else record["messages"][-1]["content"]
+        results.append({"task": task, "input": shown, "expected": record["output"], "answer": answers[i], "exact": exact})
 
     scores = {task: 100.0 * correct_by_task[task] / total_by_task[task] for task in sorted(total_by_task)}
     overall = 100.0 * sum(correct_by_task.values()) / len(records)
@@ -109,17 +124,50 @@ def main(
         "seconds": time.perf_counter() - start,
         "results": results,
     }
-    save_json(summary, output_json)
-    for task, score in scores.items():
+    for task, score in scores.items():  # the scores first: they survive a failing write
         print(f"{task:>24}: {score:5.1f}% exact match ({total_by_task[task]} records)")
     print(f"{'overall':>24}: {overall:5.1f}% exact match ({len(records)} records)  -> {output_json}")
+    save_json(summary, output_json)
 
 
-def dataset_prompt_style(data_dir: Path, data_file: Optional[Path]) -> str:
+def evaluation_records(path: Path) -> list[dict]:
+    """Instruction records (instruction, input, output, task), or conversations ({"messages": [...]}: the model
+    answers the last assistant turn from what comes before it)."""
+    if not is_conversation_file(path):
+        return load_records(path)
+    records = []
+    for messages in load_conversations(path):
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise UserError(f"{path}: a conversation has no assistant turn to evaluate")
+        records.append({"messages": messages[:last], "output": messages[last]["content"]})
+    return records
+
+
+def is_conversation_file(path: Path) -> bool:
+    """Whether the first record of a .json/.jsonl file is a conversation (messages or ShareGPT conversations)."""
+    if not path.is_file() or path.suffix.lower() not in (".json", ".jsonl"):
+        return False
+    text = path.read_bytes().decode("utf-8-sig", errors="replace")
+    rows = parse_json(text, path) if path.suffix.lower() == ".json" else parse_jsonl(text, path)
+    return bool(rows) and isinstance(rows[0], dict) and ("messages" in rows[0] or "conversations" in rows[0])
+
+
+def check_writable(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write --output_json {path}: {error.strerror}") from None
+
+
+def dataset_prompt_style(data_dir: Path, data_file: Optional[Path]) -> Optional[str]:
+    """The prepared dataset's prompt style (None: the checkpoint's own template, else alpaca)."""
     meta_file = data_dir / "meta.json"
     if data_file is None and meta_file.is_file():
-        return json.loads(meta_file.read_text(encoding="utf-8")).get("prompt_style", "alpaca")
-    return "alpaca"
+        return json.loads(meta_file.read_text(encoding="utf-8")).get("prompt_style")
+    return None
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def fit(fabric: Fabric, model, data: PreparedData, run: Run, train: TrainArgs, e
                     losses, tokens, clock = [], 0, time.perf_counter()
                 pause = time.perf_counter()
                 if step % eval.interval == 0 or step == total_steps:
-                    evaluate(fabric, model, data, eval, train.micro_batch_size, run.record["prompt_style"], step)
+                    evaluate(fabric, model, data, eval, train.micro_batch_size, step)
                 if step % train.save_interval == 0 or step == total_steps or stopping:
                     last_saved = save_checkpoint(fabric, model, optimizer, train, progress, run.out_dir, last_saved)
                 if stopping:
@@ -205,7 +205,7 @@ class StopRequest:
 
 @torch.no_grad()
 def evaluate(
-    fabric: Fabric, model, data: PreparedData, eval: EvalArgs, micro_batch_size: int, prompt_style: str, step: int
+    fabric: Fabric, model, data: PreparedData, eval: EvalArgs, micro_batch_size: int, step: int
 ) -> float:
     """Validation loss over `eval.iters` micro-batches (split over the ranks), and one greedy sample response."""
     model.eval()
@@ -219,7 +219,7 @@ def evaluate(
         totals[1] += (labels[:, 1:] != IGNORE_INDEX).sum()
     loss_total, count = fabric.all_reduce(totals, reduce_op="sum").tolist()
     val_loss = loss_total / max(count, 1)
-    response = sample_response(model, data.tokenizer, prompt_style)
+    response = sample_response(model, data.tokenizer, data.style)
     model.train()
     fabric.log_dict({"val_loss": val_loss}, step)
     if fabric.global_rank == 0:
@@ -228,9 +228,9 @@ def evaluate(
     return val_loss
 
 
-def sample_response(model, tokenizer, prompt_style: str) -> str:
+def sample_response(model, tokenizer, style: PromptStyle) -> str:
     """Greedy, so every rank generates the same tokens (under FSDP all ranks must run the same forwards)."""
-    prompt = tokenizer.encode(PromptStyle.from_name(prompt_style).apply(SAMPLE_INSTRUCTION))
+    prompt = style.prompt_ids(tokenizer, SAMPLE_INSTRUCTION)
     room = min(SAMPLE_TOKENS, model.config.block_size - len(prompt))
     if room < 1:
         return ""

@@ -17,17 +17,20 @@ from lit_llama.finetuned import finetune_config
 from lit_llama.method import Method
 from lit_llama.model import LLaMA
 from lit_llama.precision import autocast_dtype, weights_dtype
+from lit_llama.prompts import PromptStyle, resolve_prompt_style
 from lit_llama.tokenizer import Tokenizer
 
 
 @dataclass
 class PreparedData:
-    """A prepared dataset directory's samples and meta.json, with the tokenizer they were made with."""
+    """A prepared dataset directory's samples and meta.json, with the tokenizer they were made with and the prompt
+    style they were rendered in."""
 
     train: list[dict]
     val: list[dict]
     meta: dict
     tokenizer: Tokenizer
+    style: PromptStyle
 
 
 def shard_blocks(model: LLaMA, device_mesh) -> LLaMA:
@@ -62,11 +65,12 @@ def setup_fabric(devices: int, num_nodes: int, precision: str, out_dir: Path) ->
 
 def load_data(data_dir: Path, checkpoint_path: Path) -> PreparedData:
     train, val, meta = load_prepared(data_dir)
-    tokenizer = Tokenizer(checkpoint_dir(weights_path(checkpoint_path)))
+    directory = checkpoint_dir(weights_path(checkpoint_path))
+    tokenizer = Tokenizer(directory)
     check_prepared_tokenizer(meta, tokenizer, data_dir)
     if not val:
         raise UserError(f"{data_dir} has no test samples to measure validation loss on: prepare it with a test split")
-    return PreparedData(train, val, meta, tokenizer)
+    return PreparedData(train, val, meta, tokenizer, resolve_prompt_style(meta.get("prompt_style"), directory))
 
 
 def load_model(
