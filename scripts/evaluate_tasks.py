@@ -25,11 +25,12 @@ from lit_llama.chat_data import load_conversations
 from lit_llama.errors import UserError
 from lit_llama.prompts import resolve_prompt_style
 
+DEFAULT_CHECKPOINT = Path("checkpoints/smollm2-135m-instruct/lit-llama.pth")
 ANSWER_SLACK_TOKENS = 4  # room for a different tokenization of the same text, and for the stop token
 
 
 def main(
-    checkpoint_path: Path = Path("checkpoints/smollm2-135m-instruct/lit-llama.pth"),
+    checkpoint_path: Optional[Path] = None,
     finetuned_path: Optional[Path] = None,
     data_dir: Path = Path("data/builtin"),
     data_file: Optional[Path] = None,
@@ -43,7 +44,8 @@ def main(
     """Generate greedily for each held-out record and report exact match per task and overall.
 
     Args:
-        checkpoint_path: the base model's lit-llama.pth.
+        checkpoint_path: the base model's lit-llama.pth (default: with --finetuned_path the base recorded at
+            finetuning time, else checkpoints/smollm2-135m-instruct/lit-llama.pth).
         finetuned_path: a LoRA, adapter or full finetuning checkpoint (finetune_config.json beside it); omit
             to evaluate the base model.
         data_dir: a prepared dataset; its test.json holds the held-out records.
@@ -66,10 +68,12 @@ def main(
     dtype = weights_dtype(resolve_precision(precision))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if finetuned_path is None:
+        checkpoint_path = checkpoint_path or DEFAULT_CHECKPOINT
         model, tokenizer = load(checkpoint_path, device=device, dtype=dtype)
         trained_style = None
     else:
         model, tokenizer, finetune_config = load_finetuned(finetuned_path, checkpoint_path, device=device, dtype=dtype)
+        checkpoint_path = checkpoint_path or finetune_config["base_checkpoint"]
         trained_style = finetune_config.get("prompt_style")
     style = resolve_prompt_style(
         prompt_style or trained_style or dataset_prompt_style(data_dir, data_file), tokenizer.path.parent

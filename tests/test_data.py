@@ -170,14 +170,30 @@ def test_check_tokenizer_rejects_another_tokenizer(tmp_path, bpe_dir, sp_dir):
         load_prepared(tmp_path)
 
 
-def test_failed_write_leaves_nothing_behind(tmp_path, bpe_dir, monkeypatch):
-    def disk_full(obj, path):
-        raise OSError(28, "No space left on device")
+def test_a_failed_write_leaves_nothing_and_a_failed_rewrite_keeps_the_old_dataset(tmp_path, bpe_dir, monkeypatch):
+    from lit_llama import files
 
-    monkeypatch.setattr(data, "save_json", disk_full)  # train.pt and test.pt are written, then test.json fails
+    saved = []
+
+    def disk_full_at_the_second_file(obj, path):
+        saved.append(path)
+        if len(saved) == 2:  # train.pt is written, then test.pt fails
+            raise OSError(28, "No space left on device")
+        torch.save(obj, path)
+
+    monkeypatch.setattr(files.torch, "save", disk_full_at_the_second_file)
     with pytest.raises(OSError):
-        prepare_records(ALPACA, tmp_path, Tokenizer(bpe_dir))
-    assert list(tmp_path.iterdir()) == []
+        prepare_records(ALPACA, tmp_path / "new", Tokenizer(bpe_dir))
+    assert list((tmp_path / "new").iterdir()) == []
+
+    monkeypatch.undo()
+    prepare_records(ALPACA, tmp_path / "old", Tokenizer(bpe_dir))
+    before = {path.name: path.read_bytes() for path in (tmp_path / "old").iterdir()}
+    saved.clear()
+    monkeypatch.setattr(files.torch, "save", disk_full_at_the_second_file)
+    with pytest.raises(OSError):
+        prepare_records(ALPACA[:20], tmp_path / "old", Tokenizer(bpe_dir))
+    assert {path.name: path.read_bytes() for path in (tmp_path / "old").iterdir()} == before
 
 
 def test_download_without_network_is_one_clear_error(tmp_path, monkeypatch):
