@@ -54,7 +54,7 @@ def test_resume_refuses_a_different_batch_size_and_missing_files(inputs, tmp_pat
     checkpoint_path, data_dir = inputs
     main = finetune_main("lora")
     main(**settings(checkpoint_path, data_dir, tmp_path / "out", max_steps=2, eval_interval=100))
-    with pytest.raises(UserError, match="--batch_size 8"):
+    with pytest.raises(UserError, match="--train.batch_size 8"):
         main(**settings(checkpoint_path, data_dir, tmp_path / "out", batch_size=4, max_steps=3, resume="auto"))
     with pytest.raises(UserError, match="no resume checkpoint"):
         main(**settings(checkpoint_path, data_dir, tmp_path / "out", resume=str(tmp_path / "out" / "iter-9-ckpt.pth")))

@@ -25,14 +25,19 @@ def one_line_error(result) -> str:
     return errors[0]
 
 
+def run_files(out_dir) -> dict:
+    """Every file of a run and its bytes (the lock file holds whichever process had it last)."""
+    return {path: path.read_bytes() for path in out_dir.rglob("*") if path.is_file() and path.name != ".lock"}
+
+
 def test_a_fresh_run_over_an_earlier_one_is_refused_and_changes_nothing(inputs, tmp_path, single_thread):
     checkpoint_path, data_dir = inputs
     options = settings(checkpoint_path, data_dir, tmp_path / "out", max_steps=2, eval_interval=100)
     finetune_main("lora")(**options)
-    before = {path: path.read_bytes() for path in (tmp_path / "out").rglob("*") if path.is_file()}
+    before = run_files(tmp_path / "out")
     error = one_line_error(run_script("finetune/lora.py", *as_args(options)))
     assert "holds a run (checkpoints up to iter-000002-ckpt.pth)" in error and "--resume auto" in error
-    after = {path: path.read_bytes() for path in (tmp_path / "out").rglob("*") if path.is_file()}
+    after = run_files(tmp_path / "out")
     assert after == before
 
 

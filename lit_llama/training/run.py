@@ -21,13 +21,17 @@ def finetune(method: Method, options, settings: FinetuneArgs) -> None:
         fabric, settings.checkpoint_path, method, options, precision, data, train.seed, train.activation_checkpointing
     )
     record |= {"data_dir": str(settings.data_dir), "precision": precision}
-    problem = None
+    lock, problem = None, None
     if fabric.global_rank == 0:  # one process owns the directory; every process learns whether it may go on
         try:
-            claim(out_dir, settings.resume, record, method.weights_name)
+            lock = claim(out_dir, settings.resume, record, method.weights_name)
         except UserError as error:
             problem = str(error)
     problem = fabric.broadcast(problem)
     if problem:
         raise UserError(problem)
-    fit(fabric, model, data, Run(out_dir, method, record, settings.resume), train, settings.eval)
+    try:
+        fit(fabric, model, data, Run(out_dir, method, record, settings.resume), train, settings.eval)
+    finally:
+        if lock is not None:
+            lock.close()

@@ -5,7 +5,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import IO, Optional
 
 from lit_llama.errors import UserError
 from lit_llama.files import TEMPORARY_SUFFIX
@@ -14,11 +14,9 @@ from lit_llama.finetuned import FINETUNE_CONFIG_NAME
 LOCK_NAME = ".lock"
 # what may change when a run is resumed (how long it runs, how often it logs or saves) is not in the record
 COMPARED = ("method", "lora", "adapter", "model_config", "prompt_style", "tokenizer", "data_dir", "precision")
-_held = []  # open lock files: the lock lasts as long as the process
-
-
-def claim(out_dir: Path, resume: Optional[str], record: dict, final_name: str) -> None:
-    """Lock `out_dir` for this run and check that the run may use it; raises UserError naming the problem."""
+def claim(out_dir: Path, resume: Optional[str], record: dict, final_name: str) -> IO:
+    """Lock `out_dir` for this run and check that the run may use it; raises UserError naming the problem. Returns
+    the open lock file: the lock holds until it is closed, or the process ends (a killed run leaves no stale lock)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = open(out_dir / LOCK_NAME, "a+")
@@ -35,8 +33,15 @@ def claim(out_dir: Path, resume: Optional[str], record: dict, final_name: str) -
     lock.truncate()
     lock.write(str(os.getpid()))
     lock.flush()
-    _held.append(lock)  # a killed run's lock goes with its process: no stale lock to detect
+    try:
+        check_out_dir(out_dir, resume, record, final_name)
+    except BaseException:
+        lock.close()
+        raise
+    return lock
 
+
+def check_out_dir(out_dir: Path, resume: Optional[str], record: dict, final_name: str) -> None:
     earlier = earlier_run(out_dir, final_name)
     if earlier and resume is None:
         raise UserError(
