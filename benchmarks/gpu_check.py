@@ -81,9 +81,11 @@ class Sizes:
     save_interval: int
     eval_iters: int
     precisions: tuple[str, str]  # the first is also the kill/resume run's
+    adapter_start_layer: int
     full_precision: str
     new_tokens: int
     eval_records: int
+    big_model: str  # what the 7B steps run
     lora_7b: tuple[str, ...]  # gpu_lora_7b.py arguments shared by the 7B steps
     compile_7b: bool
 
@@ -91,16 +93,16 @@ class Sizes:
 GPU_SIZES = Sizes(
     device="cuda", model="TinyLlama-1.1B", block_size=None, tokenizer_vocab=1024, checkpoint_dtype="bfloat16",
     records=1200, test_records=64, max_seq_length=128, batch_size=16, micro_batch_size=4, max_steps=12,
-    save_interval=4, eval_iters=4, precisions=("bf16-true", "bf16-mixed"),
+    save_interval=4, eval_iters=4, precisions=("bf16-true", "bf16-mixed"), adapter_start_layer=2,
     # bf16-true: full finetuning's checkpoints (weights + AdamW state) are half the size of bf16-mixed's fp32 ones
     full_precision="bf16-true", new_tokens=64, eval_records=64,
-    lora_7b=("--warmup", "3", "--steps", "10"), compile_7b=True,
+    big_model="7B", lora_7b=("--warmup", "3", "--steps", "10"), compile_7b=True,
 )
 TINY_SIZES = Sizes(
     device="cpu", model="tiny", block_size=256, tokenizer_vocab=400, checkpoint_dtype="float32", records=120,
     test_records=16, max_seq_length=96, batch_size=8, micro_batch_size=2, max_steps=12, save_interval=4, eval_iters=2,
-    precisions=("32-true", "bf16-true"), full_precision="32-true", new_tokens=16, eval_records=8,
-    lora_7b=("--config_name", "tiny", "--seq_length", "32", "--warmup", "1", "--steps", "2",
+    precisions=("32-true", "bf16-true"), adapter_start_layer=1, full_precision="32-true", new_tokens=16, eval_records=8,
+    big_model="tiny", lora_7b=("--config_name", "tiny", "--seq_length", "32", "--warmup", "1", "--steps", "2",
              "--new_tokens", "8", "--prompt_length", "4"),
     compile_7b=False,  # compiling on a CPU takes minutes: the tiny run skips that step
 )
@@ -193,7 +195,11 @@ def run_step(step: Step, ctx: Context, log) -> StepResult:
     if reason:
         result.status, result.notes, result.wall_s = "skipped", reason, time.perf_counter() - start
         return result
-    command = [sys.executable, *step.command(ctx)]
+    try:
+        command = [sys.executable, *step.command(ctx)]
+    except Exception as error:  # a bug in one step's command must not end the run
+        result.status, result.notes = "FAILED", f"building the command: {type(error).__name__}: {error}"
+        return result
     result.command = " ".join(map(str, command[1:]))
     log.write(f"\n{'=' * 100}\n== {step.name}: {step.what}\n$ python {result.command}\n")
     log.flush()
@@ -301,7 +307,8 @@ def figures(ctx: Context) -> dict:
     r = {name: ctx.results[name].metrics for name in ("lora_7b", "lora_7b_checkpointing", "generate_7b_compiled")
          if name in ctx.results}
     lines = {}
-    for name, label in (("lora_7b", "7B LoRA"), ("lora_7b_checkpointing", "7B LoRA, activation checkpointing")):
+    big = ctx.sizes.big_model
+    for name, label in (("lora_7b", f"{big} LoRA"), ("lora_7b_checkpointing", f"{big} LoRA, activation checkpointing")):
         m = r.get(name, {})
         if "tokens_per_s" in m:
             lines[label] = (
@@ -311,10 +318,10 @@ def figures(ctx: Context) -> dict:
                 f"MFU {number(100 * m.get('mfu', 0), 1)}%"
             )
     bound = None
-    if environment.get("copy_bandwidth_gb_s") and environment.get("decode_bytes_per_token_7b"):
+    if environment.get("copy_bandwidth_gb_s") and environment.get("decode_bytes_per_token_7b") and big == "7B":
         bound = environment["copy_bandwidth_gb_s"] * 1e9 / environment["decode_bytes_per_token_7b"]
-    for name, key, label in (("lora_7b", "generate_eager_tokens_per_s", "7B generation, eager"),
-                             ("generate_7b_compiled", "generate_compiled_tokens_per_s", "7B generation, compiled")):
+    for name, key, label in (("lora_7b", "generate_eager_tokens_per_s", f"{big} generation, eager"),
+                             ("generate_7b_compiled", "generate_compiled_tokens_per_s", f"{big} generation, compiled")):
         value = r.get(name, {}).get(key)
         if value is not None:
             versus = f"; bandwidth bound {bound:.0f} tokens/s ({value / bound:.0%} of it)" if bound else ""
@@ -339,11 +346,12 @@ def markdown_summary(ctx: Context, results: list[StepResult], total_s: float) ->
     text = [f"# GPU check: {machine}, torch {environment.get('torch', '?')}, {ctx.sizes.model} flow", "",
             f"{total_s:.0f} s in all (budgets sum to {sum(r.budget_s for r in results):.0f} s); "
             + ", ".join(f"{n} {s}" for s, n in counts.items() if n), "",
-            "(smi): the most device memory nvidia-smi saw in use (the script prints no max_memory_allocated)", "",
+            *(["(smi): the most device memory nvidia-smi saw in use (the script prints no max_memory_allocated)", ""]
+              if gpu_mode(ctx) else []),
             *rows]
     lines = figures(ctx)
     if lines:
-        text += ["", "## 7B figures", "", *[f"- {label}: {line}" for label, line in lines.items()]]
+        text += ["", f"## {ctx.sizes.big_model} figures", "", *[f"- {label}: {line}" for label, line in lines.items()]]
     return "\n".join(text) + "\n"
 
 
@@ -379,15 +387,14 @@ def finetune_args(ctx: Context, method: str, out_dir: Path, precision: str, *ext
         "--train.max_steps", s.max_steps, "--train.warmup_steps", "2", "--train.save_interval", s.save_interval,
         "--train.log_interval", "1", "--eval.interval", "1000", "--eval.iters", s.eval_iters,
     ]
-    method_group = {"lora": ["--lora.r", "8", "--lora.alpha", "16"],
-                    "adapter": ["--adapter.prompt_length", "10", "--adapter.start_layer", "2"],
-                    "adapter_v2": ["--adapter.prompt_length", "10", "--adapter.start_layer", "2"]}
+    adapter = ["--adapter.prompt_length", "10", "--adapter.start_layer", s.adapter_start_layer]
+    method_group = {"lora": ["--lora.r", "8", "--lora.alpha", "16"], "adapter": adapter, "adapter_v2": adapter}
     return [str(a) for a in [*args, *method_group.get(method, []), *extra]]
 
 
 def generate_finetuned_args(ctx: Context) -> list[str]:
     return [str(a) for a in [
-        "generate/finetuned.py", "--finetuned_path", lora_weights(ctx, straight_lora(ctx)),
+        "generate/finetuned.py", "--finetuned_path", lora_weights(straight_lora(ctx)),
         "--checkpoint_path", base_path(ctx), "--prompt", "Reverse the order of these words.",
         "--input", "red blue green", "--precision", ctx.sizes.precisions[0],
         "--sampling.max_new_tokens", ctx.sizes.new_tokens, "--sampling.temperature", "0.8",
@@ -395,7 +402,7 @@ def generate_finetuned_args(ctx: Context) -> list[str]:
 
 
 def merge_args(ctx: Context) -> list[str]:
-    return [str(a) for a in ["scripts/merge_lora.py", "--finetuned_path", lora_weights(ctx, straight_lora(ctx)),
+    return [str(a) for a in ["scripts/merge_lora.py", "--finetuned_path", lora_weights(straight_lora(ctx)),
                              "--checkpoint_path", base_path(ctx), "--output_dir", ctx.path("merged")]]
 
 
@@ -410,7 +417,7 @@ def generate_base_args(ctx: Context) -> list[str]:
 def evaluate_args(ctx: Context) -> list[str]:
     return [str(a) for a in [
         "scripts/evaluate_tasks.py", "--checkpoint_path", base_path(ctx),
-        "--finetuned_path", lora_weights(ctx, straight_lora(ctx)), "--data_dir", ctx.path("data"),
+        "--finetuned_path", lora_weights(straight_lora(ctx)), "--data_dir", ctx.path("data"),
         "--max_records", ctx.sizes.eval_records, "--batch_size", "16", "--max_new_tokens", "16",
         "--precision", ctx.sizes.precisions[0], "--output_json", ctx.path("evaluation.json"),
     ]]
@@ -460,18 +467,15 @@ def training_metrics(out_dir: Path) -> dict:
     return metrics
 
 
-def measure_training(final_name: str) -> Callable:
-    def measure(ctx: Context, result: StepResult, output: str) -> Optional[str]:
-        out_dir = ctx.path(result.name)
-        result.metrics = training_metrics(out_dir)
-        result.tokens_per_s = result.metrics.get("tokens_per_s")
-        if not (out_dir / final_name).is_file():
-            return f"FAILED: no {final_name} written"
-        if "last_loss" in result.metrics:
-            return f"loss {result.metrics['first_loss']:.3f} -> {result.metrics['last_loss']:.3f}"
-        return None
-
-    return measure
+def measure_training(ctx: Context, result: StepResult, output: str) -> Optional[str]:
+    out_dir = ctx.path(result.name)
+    result.metrics = training_metrics(out_dir)
+    result.tokens_per_s = result.metrics.get("tokens_per_s")
+    if not any(out_dir.glob("lit-llama-*-finetuned.pth")):
+        return f"FAILED: no lit-llama-*-finetuned.pth in {out_dir}"
+    if "last_loss" in result.metrics:
+        return f"loss {result.metrics['first_loss']:.3f} -> {result.metrics['last_loss']:.3f}"
+    return None
 
 
 def measure_generation(ctx: Context, result: StepResult, output: str) -> Optional[str]:
@@ -620,9 +624,9 @@ def make_steps(sizes: Sizes) -> list[Step]:
         Step("data", 10, "scripts/prepare_builtin.py", prepare_args, needs=("base_checkpoint",)),
         Step(lora_straight, 25, f"finetune/lora.py {p0}",
              lambda ctx: finetune_args(ctx, "lora", straight_lora(ctx), p0),
-             needs=("data",), measure=measure_training("lit-llama-lora-finetuned.pth")),
+             needs=("data",), measure=measure_training),
         Step(lora_other, 20, f"finetune/lora.py {p1}", lambda ctx: finetune_args(ctx, "lora", ctx.path(lora_other), p1),
-             needs=("data",), measure=measure_training("lit-llama-lora-finetuned.pth")),
+             needs=("data",), measure=measure_training),
         Step("lora_killed", 20, f"finetune/lora.py {p0}, SIGTERM after the first checkpoint",
              lambda ctx: finetune_args(ctx, "lora", ctx.path("lora_killed"), p0),
              needs=("data",), watch=send_sigterm_after_first_checkpoint, measure=measure_killed,
@@ -631,13 +635,13 @@ def make_steps(sizes: Sizes) -> list[Step]:
              lambda ctx: finetune_args(ctx, "lora", ctx.path("lora_killed"), p0, "--resume", "auto"),
              needs=(lora_straight, "lora_killed"), measure=measure_resumed),
         Step("adapter", 20, "finetune/adapter.py", lambda ctx: finetune_args(ctx, "adapter", ctx.path("adapter"), p0),
-             needs=("data",), measure=measure_training("lit-llama-adapter-finetuned.pth")),
+             needs=("data",), measure=measure_training),
         Step("adapter_v2", 20, "finetune/adapter_v2.py",
              lambda ctx: finetune_args(ctx, "adapter_v2", ctx.path("adapter_v2"), p0),
-             needs=("data",), measure=measure_training("lit-llama-adapter_v2-finetuned.pth")),
+             needs=("data",), measure=measure_training),
         Step("full", 30, f"finetune/full.py {sizes.full_precision}",
              lambda ctx: finetune_args(ctx, "full", ctx.path("full"), ctx.sizes.full_precision),
-             needs=("data",), measure=measure_training("lit-llama-full-finetuned.pth")),
+             needs=("data",), measure=measure_training),
         Step("generate_lora", 15, "generate/finetuned.py on the LoRA run", generate_finetuned_args,
              needs=(lora_straight,), measure=measure_generation),
         Step("merge_lora", 20, "scripts/merge_lora.py", merge_args, needs=(lora_straight,), measure=measure_merge),
@@ -648,7 +652,7 @@ def make_steps(sizes: Sizes) -> list[Step]:
         Step("qlora", 20, "finetune/lora.py --quantize nf4",
              lambda ctx: finetune_args(ctx, "lora", ctx.path("qlora"), p0, "--quantize", "nf4"),
              needs=("data",), skip=needs_flag("finetune/lora.py", "--quantize"),
-             measure=measure_training("lit-llama-lora-finetuned.pth")),
+             measure=measure_training),
         Step("lora_7b", 40, "gpu_lora_7b.py: 7B LoRA micro-batch 4 x 256, r=8 q,v; eager generation",
              lambda ctx: lora_7b_args(ctx, "--compile", "false"), needs=("environment",), measure=measure_7b),
         Step("lora_7b_checkpointing", 30, "gpu_lora_7b.py --activation_checkpointing true",
@@ -661,7 +665,7 @@ def make_steps(sizes: Sizes) -> list[Step]:
         Step("fsdp2_one_device", 20, "finetune/lora.py --devices 1 through FSDP2",
              lambda ctx: finetune_args(ctx, "lora", ctx.path("fsdp2_one_device"), p0, "--strategy", "fsdp"),
              needs=("data",), skip=needs_flag("finetune/lora.py", "--strategy"),
-             measure=measure_training("lit-llama-lora-finetuned.pth")),
+             measure=measure_training),
     ]
     if sizes.device == "cpu":  # a shared CPU is slower and steadier budgets matter more than the total
         steps = [replace(step, budget_s=max(60, 2 * step.budget_s)) for step in steps]

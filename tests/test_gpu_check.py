@@ -84,5 +84,5 @@ def test_the_cpu_smoke_run_goes_through_every_step(tmp_path):
     steps = {step["name"]: step for step in summary["steps"]}
     for name in ("lora_32-true", "lora_bf16-true", "adapter", "full", "generate_lora", "generate_merged", "lora_7b"):
         assert steps[name]["tokens_per_s"] > 0, name
-    assert summary["environment"]["cpu"] and "7B LoRA" in summary["figures"]
+    assert summary["environment"]["cpu"] and "tiny LoRA" in summary["figures"]
     assert (out / "summary.md").read_text().count("| ok |") == len(statuses) - len(skipped)
