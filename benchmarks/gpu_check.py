@@ -50,6 +50,7 @@ from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 GiB = 2**30
+LOG_CHARS_PER_STEP = 200_000
 
 # the seed's figures (BENCHMARKS.md): 7B LoRA on an A100, and 7B generation
 SEED_LORA_PEAK_GB = 21.0
@@ -226,7 +227,9 @@ def run_step(step: Step, ctx: Context, log) -> StepResult:
     result.wall_s = time.perf_counter() - start
     result.exit_code = process.returncode
     output_text = ctx.path("logs", f"{step.name}.log").read_text(errors="replace")
-    log.write(output_text)
+    if len(output_text) > LOG_CHARS_PER_STEP:  # the results folder must stay small enough to send back
+        log.write(f"[... {len(output_text) - LOG_CHARS_PER_STEP:,} characters left out ...]\n")
+    log.write(output_text[-LOG_CHARS_PER_STEP:])
     log.write(f"\n== {step.name}: exit code {result.exit_code}, {result.wall_s:.1f} s (budget {budget:.0f} s)\n")
     log.flush()
     if sampler:
@@ -380,11 +383,13 @@ def read_json(path: Path) -> dict:
 
 def finetune_args(ctx: Context, method: str, out_dir: Path, precision: str, *extra: str) -> list[str]:
     s = ctx.sizes
+    # full finetuning saves the whole model and its optimizer state: once, at the end
+    save_interval = s.max_steps if method == "full" else s.save_interval
     args = [
         f"finetune/{method}.py", "--data_dir", ctx.path("data"), "--checkpoint_path", base_path(ctx),
         "--out_dir", out_dir, "--precision", precision, "--devices", "1",
         "--train.batch_size", s.batch_size, "--train.micro_batch_size", s.micro_batch_size,
-        "--train.max_steps", s.max_steps, "--train.warmup_steps", "2", "--train.save_interval", s.save_interval,
+        "--train.max_steps", s.max_steps, "--train.warmup_steps", "2", "--train.save_interval", save_interval,
         "--train.log_interval", "1", "--eval.interval", "1000", "--eval.iters", s.eval_iters,
     ]
     adapter = ["--adapter.prompt_length", "10", "--adapter.start_layer", s.adapter_start_layer]
@@ -460,6 +465,9 @@ def training_metrics(out_dir: Path) -> dict:
     rates = [float(row["tokens_per_sec"]) for row in rows if row.get("tokens_per_sec")]
     losses = [float(row["train_loss"]) for row in rows if row.get("train_loss")]
     metrics = {"steps_logged": len(rates)}
+    peaks = [float(row["peak_memory_gib"]) for row in rows if row.get("peak_memory_gib")]
+    if peaks:  # not logged yet by lit_llama's training loop: read when it is
+        metrics["peak_memory_gib"] = max(peaks)
     if rates:
         metrics["tokens_per_s"] = statistics.median(rates[1:] or rates)
     if losses:
@@ -471,6 +479,8 @@ def measure_training(ctx: Context, result: StepResult, output: str) -> Optional[
     out_dir = ctx.path(result.name)
     result.metrics = training_metrics(out_dir)
     result.tokens_per_s = result.metrics.get("tokens_per_s")
+    if "peak_memory_gib" in result.metrics and gpu_mode(ctx):
+        result.peak_memory_gib, result.memory_source = result.metrics["peak_memory_gib"], "max_memory_allocated"
     if not any(out_dir.glob("lit-llama-*-finetuned.pth")):
         return f"FAILED: no lit-llama-*-finetuned.pth in {out_dir}"
     if "last_loss" in result.metrics:
@@ -504,7 +514,8 @@ def measure_7b(ctx: Context, result: StepResult, output: str) -> Optional[str]:
     found = [line[len("RESULT "):] for line in output.splitlines() if line.startswith("RESULT ")]
     metrics = json.loads(found[-1]) if found else {}
     if not found:
-        training = re.search(r"training: ([\d.]+) micro-steps/s \(([\d.]+)x.*?([\d,]+) tokens/s.*?MFU ([\d.]+)%", output)
+        pattern = r"training: ([\d.]+) micro-steps/s \(([\d.]+)x.*?([\d,]+) tokens/s.*?MFU ([\d.]+)%"
+        training = re.search(pattern, output)
         if training:
             metrics.update(micro_steps_per_s=float(training[1]), speedup_vs_seed=float(training[2]),
                            tokens_per_s=float(training[3].replace(",", "")), mfu=float(training[4]) / 100)
@@ -528,8 +539,9 @@ def measure_7b(ctx: Context, result: StepResult, output: str) -> Optional[str]:
         return "FAILED: no RESULT line"
     if result.tokens_per_s is None:
         return None
-    return (f"{number(metrics.get('micro_steps_per_s'), 2)} micro-steps/s ({number(metrics.get('speedup_vs_seed'), 2)}x "
-            f"seed), generation eager {number(metrics.get('generate_eager_tokens_per_s'))} tokens/s")
+    return (f"{number(metrics.get('micro_steps_per_s'), 2)} micro-steps/s "
+            f"({number(metrics.get('speedup_vs_seed'), 2)}x seed), "
+            f"generation eager {number(metrics.get('generate_eager_tokens_per_s'))} tokens/s")
 
 
 def send_sigterm_after_first_checkpoint(ctx: Context, process: subprocess.Popen) -> None:
@@ -709,7 +721,8 @@ def worker_environment(device: str, output: Path) -> None:
             sys.exit("error: no CUDA device: run on a GPU machine, or the CPU smoke test with --cpu --tiny")
         properties = torch.cuda.get_device_properties(0)
         facts.update(gpu=properties.name, gpu_memory_gib=properties.total_memory / GiB,
-                     capability=f"{properties.major}.{properties.minor}", multiprocessors=properties.multi_processor_count,
+                     capability=f"{properties.major}.{properties.minor}",
+                     multiprocessors=properties.multi_processor_count,
                      bf16_supported=torch.cuda.is_bf16_supported(), device_count=torch.cuda.device_count(),
                      flash_sdp=torch.backends.cuda.flash_sdp_enabled(),
                      mem_efficient_sdp=torch.backends.cuda.mem_efficient_sdp_enabled(),
@@ -779,7 +792,8 @@ def worker_base(device: str, output: Path, model: str, block_size: int, tokenize
         from lit_llama.checkpoint import save_torch
 
     records = generate(600, seed=7)
-    text = [style.apply(r["instruction"], r["input"]) + r["output"] for r in records for style in prompt_styles.values()]
+    styles = prompt_styles.values()
+    text = [style.apply(r["instruction"], r["input"]) + r["output"] for r in records for style in styles]
     tokenizer = ByteLevelBPETokenizer()
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokenizer.train_from_iterator(text, vocab_size=tokenizer_vocab, min_frequency=1, special_tokens=special,

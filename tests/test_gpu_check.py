@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py: its step runner and summary on stand-in steps, and the whole flow on a CPU (--cpu --tiny)."""
+"""benchmarks/gpu_check.py: its step runner and summary on stand-in steps; the whole flow on a CPU (--cpu --tiny)."""
 import json
 import os
 import re
