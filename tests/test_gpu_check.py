@@ -86,3 +86,23 @@ def test_the_cpu_smoke_run_goes_through_every_step(tmp_path):
         assert steps[name]["tokens_per_s"] > 0, name
     assert summary["environment"]["cpu"] and "tiny LoRA" in summary["figures"]
     assert (out / "summary.md").read_text().count("| ok |") == len(statuses) - len(skipped)
+
+
+def test_on_a_gpu_peak_memory_is_what_the_script_printed_else_what_nvidia_smi_saw(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "nvidia-smi"  # reports 1 GiB, then 3 GiB in use, then nothing more until stopped
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 1024\necho 3072\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    ctx = gpu_check.Context(sizes=gpu_check.GPU_SIZES, work=tmp_path / "work", out=tmp_path / "out",
+                            env=dict(os.environ))
+    steps = [
+        stand_in("prints_its_peak", "print('Peak GPU memory allocated: 2.15 GB'); import time; time.sleep(0.5)"),
+        stand_in("prints_nothing", "import time; time.sleep(0.5)"),
+    ]
+    results = {r.name: r for r in gpu_check.run_all(steps, ctx)}
+    assert results["prints_its_peak"].memory_source == "max_memory_allocated"
+    assert results["prints_its_peak"].peak_memory_gib == pytest.approx(2.15e9 / 2**30)
+    assert (results["prints_nothing"].memory_source, results["prints_nothing"].peak_memory_gib) == ("nvidia-smi", 3.0)
+    assert "| prints_nothing | ok | 0 |" in (ctx.out / "summary.md").read_text()
+    assert "3.00 (smi)" in (ctx.out / "summary.md").read_text()
