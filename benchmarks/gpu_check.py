@@ -121,6 +121,7 @@ class Context:
     budget_scale: float = 1.0
     results: dict = field(default_factory=dict)  # step name -> StepResult of this run
     help_texts: dict = field(default_factory=dict)  # script -> its `-h` output
+    step_deadline: float = 0.0  # time.perf_counter() when the running step's budget is spent
 
     def path(self, *parts: str) -> Path:
         return self.work.joinpath(*parts)
@@ -192,6 +193,7 @@ def run_step(step: Step, ctx: Context, log) -> StepResult:
         result.status, result.notes = "skipped", f"needs {', '.join(failed_needs)}, which did not succeed"
         return result
     start = time.perf_counter()
+    ctx.step_deadline = start + budget
     reason = step.skip(ctx) if step.skip else None
     if reason:
         result.status, result.notes, result.wall_s = "skipped", reason, time.perf_counter() - start
@@ -592,20 +594,24 @@ def measure_resumed(ctx: Context, result: StepResult, output: str) -> Optional[s
             f"{ctx.sizes.save_interval} (nondeterministic kernels)")
 
 
-def script_help(ctx: Context, script: str) -> str:
+def script_help(ctx: Context, script: str) -> Optional[str]:
+    """`python <script> -h`, within what is left of the step's budget (None when it did not answer in time)."""
     if script not in ctx.help_texts:
         try:
             done = subprocess.run([sys.executable, script, "-h"], cwd=REPO, env=ctx.env, capture_output=True,
-                                  text=True, timeout=60)
+                                  text=True, timeout=max(1.0, ctx.step_deadline - time.perf_counter()))
             ctx.help_texts[script] = done.stdout + done.stderr
         except subprocess.TimeoutExpired:
-            ctx.help_texts[script] = ""
+            return None
     return ctx.help_texts[script]
 
 
 def needs_flag(script: str, flag: str) -> Callable[[Context], Optional[str]]:
     def skip(ctx: Context) -> Optional[str]:
-        return None if flag in script_help(ctx, script) else f"skipped: no {flag} in {script}"
+        text = script_help(ctx, script)
+        if text is None:
+            return f"skipped: `{script} -h` did not answer within the budget"
+        return None if flag in text else f"skipped: no {flag} in {script}"
 
     return skip
 
