@@ -404,7 +404,7 @@ def generate_finetuned_args(ctx: Context) -> list[str]:
         "generate/finetuned.py", "--finetuned_path", lora_weights(straight_lora(ctx)),
         "--checkpoint_path", base_path(ctx), "--prompt", "Reverse the order of these words.",
         "--input", "red blue green", "--precision", ctx.sizes.precisions[0],
-        "--sampling.max_new_tokens", ctx.sizes.new_tokens, "--sampling.temperature", "0.8",
+        "--max_new_tokens", ctx.sizes.new_tokens, "--temperature", "0.8",
     ]]
 
 
@@ -417,7 +417,7 @@ def generate_base_args(ctx: Context) -> list[str]:
     return [str(a) for a in [
         "generate/base.py", "--checkpoint_path", ctx.path("merged", "lit-llama.pth"), "--prompt", "Hello, my name is",
         "--precision", ctx.sizes.precisions[0], "--compile", "false",
-        "--sampling.max_new_tokens", ctx.sizes.new_tokens, "--sampling.temperature", "0.8",
+        "--max_new_tokens", ctx.sizes.new_tokens, "--temperature", "0.8",
     ]]
 
 
@@ -794,10 +794,7 @@ def worker_base(device: str, output: Path, model: str, block_size: int, tokenize
     from lit_llama.prompts import prompt_styles
     from lit_llama.tokenizer import Tokenizer
 
-    try:  # lit_llama.files after the restructuring (issue 11)
-        from lit_llama.files import save_torch
-    except ImportError:
-        from lit_llama.checkpoint import save_torch
+    from lit_llama.files import save_torch
 
     records = generate(600, seed=7)
     styles = prompt_styles.values()

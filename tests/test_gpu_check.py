@@ -67,10 +67,6 @@ def test_the_seven_b_results_are_read_from_what_gpu_lora_7b_printed_before_a_tim
     assert result.tokens_per_s == 4198 and result.peak_memory_gib == 16.52 and result.status == "TIMEOUT"
 
 
-# Remove this mark when the dataclass-group CLI of issue 11 (--train.*, --lora.*, generate/finetuned.py) is merged:
-# gpu_check.py's commands are written for it.
-@pytest.mark.skipif(not (REPO / "generate" / "finetuned.py").is_file(),
-                    reason="gpu_check.py speaks the CLI of issue 11 (generate/finetuned.py, --train.*), not merged yet")
 def test_the_cpu_smoke_run_goes_through_every_step(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     result = run_script("benchmarks/gpu_check.py", "--cpu", "--tiny", "--out", out, "--work_dir", work, timeout=900)
