@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from lit_llama.errors import UserError
 from lit_llama.model import LLaMA, Linear, linear
+from lit_llama.quantize import dequantize, is_quantized, quantized_linear
 
 # --lora_<flag> names -> the module paths they adapt (suffixes of the names in `model.named_modules()`)
 LORA_TARGETS = {
@@ -52,7 +53,8 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        # a QLoRA base weight (lit_llama.quantize) is dequantized inside its own product
+        y = (quantized_linear if is_quantized(self.weight) else linear)(x, self.weight, self.bias)
         scaling = self.scaling
         if self.dropout > 0 and self.training:
             # dropout in one pass: x (maybe bf16) times a 0/1 mask in A's dtype (maybe fp32) is cast and dropped at
@@ -67,9 +69,10 @@ class LoRALinear(nn.Linear):
         return y + F.linear(F.linear(x, self.lora_A) * scaling, self.lora_B).to(y.dtype)
 
     def merged_weight(self) -> torch.Tensor:
-        """W + B A * scaling, computed in fp32 so a bf16 weight is rounded once, not twice."""
+        """W + B A * scaling, computed in fp32 so a bf16 weight is rounded once, not twice (a quantized W: its
+        dequantized values, the weight the update was trained against, in the dtype it was quantized from)."""
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-        return (self.weight.float() + delta).to(self.weight.dtype)
+        return (dequantize(self.weight, torch.float32) + delta).to(self.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling}, dropout={self.dropout}"
