@@ -100,9 +100,12 @@ def dequantize(weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> tor
     dtype = dtype or weight.dtype
     if not is_quantized(weight):
         return weight.to(dtype)
-    _, NF4Tensor, _, _ = _torchao()
+    _, NF4Tensor, _, Int4OpaqueTensor = _torchao()
     if isinstance(weight, NF4Tensor):
         return weight.get_original_weight().to(dtype)
+    if isinstance(weight, Int4OpaqueTensor):  # no dequantize in torchao 0.18: its own kernel times the identity
+        identity = torch.eye(weight.size(1), dtype=weight.dtype, device=weight.device)
+        return F.linear(identity, weight).t().contiguous().to(dtype)
     return weight.dequantize(dtype)
 
 
