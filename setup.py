@@ -21,6 +21,8 @@ setup(
     ],
     extras_require={
         "gguf": ["gguf>=0.10"],
-        "test": ["pytest", "hypothesis", "transformers>=4.45", "peft", "gguf>=0.10", "psutil"],
+        # QLoRA's NF4 base and int8/int4 weight-only generation (lit_llama/quantize.py)
+        "quantize": ["torchao==0.18.*"],
+        "test": ["pytest", "hypothesis", "transformers>=4.45", "peft", "gguf>=0.10", "psutil", "torchao==0.18.*"],
     },
 )

@@ -10,6 +10,15 @@ The memory model: for the parts that depend on tokens it counts the bytes autogr
 
     python benchmarks/memory_7b.py                 # memory model + measured CPU step (needs ~17 GB free RAM)
     python benchmarks/memory_7b.py --measure false # memory model only (needs ~1 GB)
+    python benchmarks/memory_7b.py --config_name Llama-3.1-8B --measure false --quantize nf4-dq   # QLoRA's base
+
+With --quantize the block linear weights are counted in that format (lit_llama.quantize.bits_per_weight; the
+embedding, head and norms stay bf16) plus the largest block matrix dequantized at once inside its layer's forward.
+Saved activations are the bf16 model's: a quantized layer saves its input and its quantized weight, as a bf16 layer
+saves its input and (already counted) weight. No measured step for a quantized base here: quantizing an 8B on this
+CPU with torchao's pure-PyTorch NF4 takes the whole bf16 model plus ~80 MB of transients per matrix, and the step
+dequantizes every matrix three times (forward, recompute, backward); see benchmarks/quantize_cpu.py for the
+SmolLM2-135M measurement.
 """
 import json
 import resource
@@ -26,6 +35,7 @@ from lit_llama.errors import UserError
 from lit_llama.lora import LORA, LoRAArgs, add_lora
 from lit_llama.model import LLaMA, Config
 from lit_llama.training.loop import loss_sum
+from lit_llama.quantize import bits_per_weight, block_linear_names, check_training_mode
 
 GiB = 2**30
 
@@ -85,7 +95,7 @@ def saved_activation_bytes(config: Config, n_layer: int, micro_batch: int, seq_l
     return sum(storages.values())
 
 
-def memory_model(config: Config, lora_r: int, probe_tokens: int = 64) -> dict:
+def memory_model(config: Config, lora_r: int, probe_tokens: int = 64, quantize: Optional[str] = None) -> dict:
     """Per-token activation costs (a_layer, a_head) measured on 1- and 2-layer models, and the fixed costs."""
     one = saved_activation_bytes(config, 1, 1, probe_tokens)
     two = saved_activation_bytes(config, 2, 1, probe_tokens)
@@ -96,13 +106,24 @@ def memory_model(config: Config, lora_r: int, probe_tokens: int = 64) -> dict:
         n_frozen = sum(p.numel() for p in meta_model.parameters())
         add_lora(meta_model, LoRAArgs(r=lora_r, alpha=2 * lora_r, dropout=0.05, targets=["query", "value"]))
         n_lora = sum(p.numel() for n, p in meta_model.named_parameters() if "lora_" in n)
-    return dict(n_frozen=n_frozen, n_lora=n_lora, a_layer=a_layer, a_head=a_head, n_layer=config.n_layer)
+        block_weights = [meta_model.get_submodule(n).weight for n in block_linear_names(meta_model)]
+    weight_bytes = 2 * n_frozen
+    dequantized = 0
+    if quantize:
+        weight_bytes = sum(
+            w.numel() * bits_per_weight(quantize, *w.shape) / 8 for w in block_weights
+        ) + 2 * (n_frozen - sum(w.numel() for w in block_weights))
+        # bf16 values, and torchao's NF4 dequantization builds int64 codes for both halves of each byte first
+        dequantized = max(w.numel() for w in block_weights) * (2 + (8 if quantize.startswith("nf4") else 0))
+    return dict(n_frozen=n_frozen, n_lora=n_lora, a_layer=a_layer, a_head=a_head, n_layer=config.n_layer,
+                weight_bytes=weight_bytes, dequantized=dequantized)
 
 
 def predict(m: dict, config: Config, tokens: int, activation_checkpointing: bool) -> dict:
     """Peak bytes = weights + LoRA state + saved activations + the logits' gradient (the largest backward buffer).
 
-    weights         2 * N_frozen                      (bf16)
+    weights         2 * N_frozen                      (bf16; quantized: block weights at their format's bits, plus
+                                                       one block matrix dequantized at a time)
     LoRA state     16 * N_lora                         (fp32 weight, gradient, AdamW exp_avg and exp_avg_sq)
     activations    tokens * (L * a_layer + a_head)    without checkpointing
                    tokens * (L * 2 * C + a_layer + a_head)   with it: each block keeps only its bf16 input, and
@@ -112,7 +133,7 @@ def predict(m: dict, config: Config, tokens: int, activation_checkpointing: bool
     per_layer = 2 * config.n_embd if activation_checkpointing else m["a_layer"]
     extra_layer = m["a_layer"] if activation_checkpointing else 0
     parts = dict(
-        weights=2 * m["n_frozen"], lora_state=16 * m["n_lora"],
+        weights=m["weight_bytes"] + m["dequantized"], lora_state=16 * m["n_lora"],
         activations=tokens * (m["n_layer"] * per_layer + extra_layer + m["a_head"]),
         logits_grad=tokens * config.padded_vocab_size * 4,
     )
@@ -149,6 +170,7 @@ def main(
     lora_r: int = 8,
     predict_for: list[str] = ["1x64", "4x256", "4x512"],
     child: Optional[bool] = None,
+    quantize: Optional[str] = None,
 ) -> None:
     """Print the memory model's predictions and (with --measure) the measured peak RSS of one CPU training step.
 
@@ -161,13 +183,22 @@ def main(
         lora_r: LoRA rank (alpha is twice it, as r=8 alpha=16).
         predict_for: micro_batch x seq_length settings to predict the GPU peak for.
         child: Internal: measure one step with activation checkpointing on/off in this process and print JSON.
+        quantize: Model the frozen base in this lit_llama.quantize training format (nf4, nf4-dq, int8); model only.
     """
     config = Config.from_name(config_name)
     if child is not None:
         print("RESULT " + json.dumps(measure_step(config, micro_batch, seq_length, child, threads)))
         return
 
-    m = memory_model(config, lora_r)
+    if quantize is not None:
+        check_training_mode(quantize, "lora")
+        if measure:
+            raise UserError("--quantize is modelled only here: add --measure false (benchmarks/quantize_cpu.py "
+                            "measures a quantized base on a small model)")
+    m = memory_model(config, lora_r, quantize=quantize)
+    if quantize:
+        print(f"base weights in {quantize}: {m['weight_bytes'] / GiB:.2f} GiB (bf16: {2 * m['n_frozen'] / GiB:.2f}), "
+              f"largest block matrix dequantized: {m['dequantized'] / GiB:.2f} GiB")
     print(f"{config_name}: N_frozen = {m['n_frozen'] / 1e9:.3f} B parameters, N_lora = {m['n_lora'] / 1e6:.2f} M")
     print(f"saved activations per token: a_layer = {m['a_layer'] / 1024:.1f} KiB per layer "
           f"({m['a_layer'] / config.n_embd:.1f} bytes per hidden unit), a_head = {m['a_head'] / 1024:.1f} KiB")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lit_llama.adapter import AdapterArgs, add_adapter, prompt_parameters
 from lit_llama.method import Method, replace_module
 from lit_llama.model import LLaMA, RMSNorm
+from lit_llama.quantize import dequantize, is_quantized, quantized_linear
 
 
 class AdapterV2Linear(nn.Linear):
@@ -35,7 +36,7 @@ class AdapterV2Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.adapter_bias if self.bias is None else self.bias + self.adapter_bias
         # the bias rides in the matmul kernel; scale and bias may train in fp32 beside a bf16 weight
-        y = F.linear(x, self.weight, bias.to(self.weight.dtype))
+        y = (quantized_linear if is_quantized(self.weight) else F.linear)(x, self.weight, bias.to(self.weight.dtype))
         return y * self.adapter_scale.to(y.dtype)
 
     def merged(self) -> nn.Linear:
@@ -45,7 +46,8 @@ class AdapterV2Linear(nn.Linear):
         scale = self.adapter_scale.float()
         bias = self.adapter_bias.float() + (0 if self.bias is None else self.bias.float())
         with torch.no_grad():
-            plain.weight = nn.Parameter((self.weight.float() * scale[:, None]).to(self.weight.dtype))
+            weight = dequantize(self.weight, torch.float32)  # a quantized (QLoRA-style) base: its dequantized values
+            plain.weight = nn.Parameter((weight * scale[:, None]).to(self.weight.dtype))
             plain.bias = nn.Parameter((bias * scale).to(self.weight.dtype))
         return plain
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from lit_llama.errors import UserError
 from lit_llama.method import Method, replace_module
+from lit_llama.quantize import dequantize, is_quantized, quantized_linear
 
 # --lora.targets names -> the module paths they adapt (suffixes of the names in `model.named_modules()`)
 LORA_TARGETS = {
@@ -86,7 +87,8 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        # a QLoRA base weight (lit_llama.quantize) is dequantized inside its own product
+        y = (quantized_linear if is_quantized(self.weight) else F.linear)(x, self.weight, self.bias)
         scaling = self.scaling
         if self.dropout > 0 and self.training:
             # dropout in one pass: x (maybe bf16) times a 0/1 mask in A's dtype (maybe fp32) is cast and dropped at
@@ -101,9 +103,10 @@ class LoRALinear(nn.Linear):
         return y + F.linear(F.linear(x, self.lora_A) * scaling, self.lora_B).to(y.dtype)
 
     def merged_weight(self) -> torch.Tensor:
-        """W + B A * scaling, computed in fp32 so a bf16 weight is rounded once, not twice."""
+        """W + B A * scaling, computed in fp32 so a bf16 weight is rounded once, not twice (a quantized W: its
+        dequantized values, the weight the update was trained against, in the dtype it was quantized from)."""
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-        return (self.weight.float() + delta).to(self.weight.dtype)
+        return (dequantize(self.weight, torch.float32) + delta).to(self.weight.dtype)
 
     def merged(self) -> nn.Linear:
         """The plain layer with the update folded into its weight: the base model's module and state-dict key."""

@@ -1,0 +1,340 @@
+"""Quantized frozen weights, through torchao's tensor subclasses:
+
+- training (QLoRA, Dettmers et al. 2023, https://arxiv.org/abs/2305.14314): `quantize_frozen(model, mode)` stores
+  every frozen weight of the transformer blocks' linear layers as NF4 ("nf4", "nf4-dq") or int8 ("int8"); LoRA and
+  adapter tensors stay in their own dtype and train as before. Each layer dequantizes its own weight inside its
+  forward (and again in backward), so at most one layer's weight exists in bf16 at a time.
+- generation: `quantize_for_generation(model, "int8" | "int4")`, weight-only, from a bf16 model just loaded.
+
+The token embedding, the output head (the embedding itself on tied models), the norms and everything that trains
+stay unquantized: `unquantized_parameters(model)` counts them.
+
+Why torchao's NF4 and not bitsandbytes (howto/finetune_lora.md, "QLoRA"): NF4Tensor is plain PyTorch on any device
+and shards under FSDP2 (it implements the all-gather hooks torchtune relies on), while bitsandbytes' Params4bit loses
+its quantization state under FSDP2's fully_shard; bitsandbytes' kernels are faster per layer (CPU and CUDA).
+"""
+import functools
+import logging
+import sys
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_llama.errors import UserError
+
+TRAINING_MODES = {
+    "nf4": "4-bit NormalFloat, one bf16 absmax per 64 weights (4.25 bits per weight)",
+    "nf4-dq": "4-bit NormalFloat with double quantization: the absmax scalers in int8 (about 4.13 bits per weight)",
+    "int8": "int8, one scale per output row (8 bits per weight)",
+}
+GENERATION_MODES = {
+    "int8": "int8 weight-only, one scale per output row",
+    "int4": "int4 weight-only, one scale and zero point per group of 128 (or 64, 32) inputs",
+}
+NF4_BLOCK_SIZE = 64  # weights per absmax, as in QLoRA
+NF4_SCALER_BLOCK_SIZE = 256  # absmax scalers per int8 scale under double quantization, as in QLoRA
+
+
+@contextmanager
+def _quiet_torchao_import():
+    """torchao logs a warning for each CUDA extension it cannot load on a CPU machine, and torch one for an enum
+    it registers: noise on every script start, not something a user can act on."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@functools.cache
+def _torchao():
+    try:
+        with _quiet_torchao_import():
+            import torchao.quantization as ao
+            from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, to_nf4
+    except ImportError as error:
+        raise UserError(
+            f"quantization needs torchao ({error}): pip install -e '.[quantize]' (with torch pinned, see README)"
+        ) from None
+    return ao, NF4Tensor, to_nf4, Int4OpaqueTensor
+
+
+def check_training_mode(mode: Optional[str], method: str) -> Optional[str]:
+    """`mode` for a finetune of `method` ("lora", "adapter", "adapter_v2", "full"), or a UserError saying why not."""
+    if mode is None:
+        return None
+    if mode not in TRAINING_MODES:
+        raise UserError(f"unknown --quantize {mode!r}: choose from {', '.join(TRAINING_MODES)}")
+    if method == "full":
+        raise UserError(
+            f"--quantize {mode} freezes the base weights in {mode}, which a full finetune trains: "
+            "quantize for lora, adapter or adapter_v2, or drop --quantize"
+        )
+    return mode
+
+
+def check_generation_mode(mode: Optional[str]) -> Optional[str]:
+    if mode is not None and mode not in GENERATION_MODES:
+        raise UserError(f"unknown --quantize {mode!r} for generation: choose from {', '.join(GENERATION_MODES)}")
+    return mode
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """Whether `weight` is one of the quantized tensors made here (not, say, an FSDP2 shard of a plain weight)."""
+    if type(weight) in (torch.Tensor, nn.Parameter) or "torchao" not in sys.modules:
+        return False
+    ao, NF4Tensor, _, Int4OpaqueTensor = _torchao()
+    return isinstance(weight, (NF4Tensor, ao.Int8Tensor, Int4OpaqueTensor))
+
+
+def dequantize(weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The weight as a plain tensor (in `dtype`, else the dtype it was quantized from); plain tensors pass through."""
+    dtype = dtype or weight.dtype
+    if not is_quantized(weight):
+        return weight.to(dtype)
+    _, NF4Tensor, _, Int4OpaqueTensor = _torchao()
+    if isinstance(weight, NF4Tensor):
+        return weight.get_original_weight().to(dtype)
+    if isinstance(weight, Int4OpaqueTensor):  # no dequantize in torchao 0.18: its own kernel times the identity
+        identity = torch.eye(weight.size(1), dtype=weight.dtype, device=weight.device)
+        return F.linear(identity, weight).t().contiguous().to(dtype)
+    return weight.dequantize(dtype)
+
+
+class _FrozenQuantizedLinear(torch.autograd.Function):
+    """x W^T + b for a frozen quantized W that keeps only the quantized form for backward: autograd through a
+    dequantize-then-matmul would save a bf16 copy of every weight, the memory that quantizing saves."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        if _int8_kernel_applies(x, weight):
+            rows = x.reshape(-1, x.size(-1)).contiguous()
+            y = torch._weight_int8pack_mm(rows, weight.qdata, weight.scale.view(-1).to(x.dtype))
+            y = y.view(*x.shape[:-1], -1)
+            return y if bias is None else y + bias
+        return F.linear(x, dequantize(weight, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        grad_bias = grad.reshape(-1, grad.size(-1)).sum(0) if ctx.needs_input_grad[2] else None
+        return grad @ dequantize(weight, grad.dtype), None, grad_bias
+
+
+def _int8_kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """PyTorch's CPU kernel for bf16/fp32 activations times int8 weights with a scale per row reads the int8 weight
+    directly (1.5-1.9x a bf16 matrix-vector product, BENCHMARKS.md), where dequantizing first reads it three times.
+    It takes inputs in multiples of 16 only (in torch 2.13 other widths fail, 172 crashes the process)."""
+    ao, _, _, _ = _torchao()
+    return (
+        isinstance(weight, ao.Int8Tensor) and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
+        and weight.scale.numel() == weight.size(0) and weight.act_quant_kwargs is None and weight.size(1) % 16 == 0
+    )
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear for a quantized weight: dequantized inside, never kept in bf16. Int4 (generation only) runs torchao's
+    own CPU kernel."""
+    _, _, _, Int4OpaqueTensor = _torchao()
+    if isinstance(weight, Int4OpaqueTensor):
+        return F.linear(x, weight, bias)
+    return _FrozenQuantizedLinear.apply(x, weight, bias)
+
+
+class QuantizedLinear(nn.Linear):
+    """A frozen linear layer whose weight is quantized; same state-dict keys as nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_linear(x, self.weight, self.bias)
+
+
+def _nf4(weight: torch.Tensor, double_quantize: bool, shards: int) -> torch.Tensor:
+    """torchao's NF4 codes for `weight`. torchao always stores the absmax scalers double-quantized (int8, one scale
+    per `scaler_block_size` scalers after subtracting their mean); without double quantization they are kept exact,
+    in the weight's dtype, in that same tensor (a scale of one, a mean of zero), so the two modes share the format."""
+    _, NF4Tensor, to_nf4, _ = _torchao()
+    n_blocks = weight.numel() // NF4_BLOCK_SIZE
+    # the scaler blocks must tile the scalers, in a number of blocks that FSDP2 can split into `shards` equal parts
+    # (it splits each of the tensor's parts): the largest size up to QLoRA's 256 that does (576 x 576 -> 192)
+    scaler_block_size = max(
+        d for d in range(1, NF4_SCALER_BLOCK_SIZE + 1) if n_blocks % (d * shards) == 0 or d == 1
+    )
+    quantized = to_nf4(weight.contiguous(), NF4_BLOCK_SIZE, scaler_block_size)
+    if double_quantize:
+        return quantized
+    absmax = weight.detach().reshape(n_blocks, NF4_BLOCK_SIZE).abs().amax(dim=1)
+    return NF4Tensor(
+        quantized.__tensor_flatten__()[1]["tensor_meta"], NF4_BLOCK_SIZE, n_blocks, scaler_block_size,
+        absmax, torch.ones(n_blocks // scaler_block_size, dtype=weight.dtype, device=weight.device),
+        torch.zeros((), dtype=weight.dtype, device=weight.device), quantized.quantized_data, quantized.nf4,
+    )
+
+
+def quantize_weight(weight: torch.Tensor, mode: str, name: str = "weight", shards: int = 1) -> torch.Tensor:
+    """One frozen weight in `mode` (a TRAINING_MODES or GENERATION_MODES key), as a non-trainable Parameter."""
+    ao, _, _, Int4OpaqueTensor = _torchao()
+    if weight.dim() != 2:
+        raise UserError(f"cannot quantize {name}: a {weight.dim()}-d tensor, not a linear layer's weight")
+    with torch.no_grad():
+        weight = weight.detach()
+        if mode in ("nf4", "nf4-dq"):
+            if weight.numel() % NF4_BLOCK_SIZE:
+                raise UserError(f"cannot quantize {name} to {mode}: {tuple(weight.shape)} is not a whole number of "
+                                f"{NF4_BLOCK_SIZE}-weight blocks")
+            if weight.size(0) % shards or weight.numel() % (NF4_BLOCK_SIZE * shards):
+                raise UserError(f"cannot shard {name} {tuple(weight.shape)} in {mode} over {shards} devices: its "
+                                f"rows and {NF4_BLOCK_SIZE}-weight blocks must split evenly")
+            quantized = _nf4(weight, double_quantize=mode == "nf4-dq", shards=shards)
+        elif mode == "int8":
+            quantized = ao.Int8Tensor.from_hp(weight, ao.PerRow())
+        elif mode == "int4":
+            group = next((g for g in (128, 64, 32) if weight.size(1) % g == 0), None)
+            if group is None or weight.size(0) % 16:  # what torch's CPU int4 packing takes
+                raise UserError(f"cannot quantize {name} to int4: {tuple(weight.shape)} needs outputs in multiples "
+                                "of 16 and inputs in multiples of 32")
+            quantized = Int4OpaqueTensor.from_hp(weight, [1, group])
+        else:
+            raise UserError(f"unknown quantization {mode!r}: choose from {', '.join({**TRAINING_MODES, **GENERATION_MODES})}")
+    return nn.Parameter(quantized, requires_grad=False)
+
+
+def _quantize_linears(model: nn.Module, names: list[str], mode: str, device, shards: int = 1) -> None:
+    from lit_llama.adapter_v2 import AdapterV2Linear
+    from lit_llama.lora import LoRALinear
+
+    for name in names:  # one layer at a time: a bf16 weight is released as soon as its quantized form exists
+        module = model.get_submodule(name)
+        weight = module.weight if device is None else module.weight.to(device)
+        quantized = quantize_weight(weight, mode, f"{name}.weight", shards)
+        if isinstance(module, (LoRALinear, AdapterV2Linear)):  # their forward takes a quantized weight as it is
+            module.weight = quantized
+            continue
+        with torch.device("meta"):  # the model's own layers become QuantizedLinear (same keys, quantized forward)
+            layer = QuantizedLinear(module.in_features, module.out_features, bias=module.bias is not None)
+        layer.weight, layer.bias = quantized, module.bias
+        if device is not None and module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.to(device), requires_grad=module.bias.requires_grad)
+        model.set_submodule(name, layer)
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    """The linear layers inside the transformer blocks (attention and MLP projections): what QLoRA quantizes."""
+    return [f"transformer.h.{name}" for name, module in model.transformer.h.named_modules()
+            if isinstance(module, nn.Linear)]
+
+
+def quantize_frozen(
+    model: nn.Module, mode: str, device: Optional[torch.device] = None, shards: int = 1
+) -> nn.Module:
+    """Quantize, in place, every block linear layer's weight (the frozen base of LoRA, adapter and adapter-v2 runs):
+    call after adding the method's layers and marking what trains, before building the optimizer. With `device`,
+    each weight moves there just before it is quantized, so a model loaded on the CPU is never whole on the GPU.
+    `shards`: the FSDP2 world size the model will be sharded over (NF4's parts must split evenly).
+    Refuses weights that train (a full finetune): their quantized copies could not learn."""
+    if mode not in TRAINING_MODES:
+        raise UserError(f"unknown --quantize {mode!r}: choose from {', '.join(TRAINING_MODES)}")
+    names = block_linear_names(model)
+    training = [f"{name}.weight" for name in names if model.get_submodule(name).weight.requires_grad]
+    if training:
+        raise UserError(
+            f"--quantize {mode} needs frozen base weights, but {training[0]} trains (a full finetune, or the base "
+            "not frozen yet): quantize lora, adapter or adapter_v2 runs after marking their parameters trainable"
+        )
+    _quantize_linears(model, names, mode, device, shards)
+    return model
+
+
+def unshardable_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """Quantized weights that FSDP2 cannot shard (torchao's Int8Tensor has no split): pass them to fully_shard as
+    `ignored_params`, so each device keeps a whole frozen copy (int8: half of bf16) while the rest is sharded.
+    NF4 weights shard (`quantize_frozen(..., shards=world_size)`)."""
+    if "torchao" not in sys.modules:
+        return set()
+    ao, _, _, _ = _torchao()
+    return {p for p in model.parameters() if isinstance(p, ao.Int8Tensor)}
+
+
+def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Every quantized weight back to a plain tensor (in `dtype`, else the dtype it was quantized from), in place;
+    QuantizedLinear layers become nn.Linear again."""
+    for name in [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]:
+        module = model.get_submodule(name)
+        if not is_quantized(module.weight):
+            continue
+        weight = nn.Parameter(dequantize(module.weight, dtype), requires_grad=False)
+        if type(module) is QuantizedLinear:
+            with torch.device("meta"):
+                plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            plain.weight, plain.bias = weight, module.bias
+            model.set_submodule(name, plain)
+        else:
+            module.weight = weight
+    return model
+
+
+def merge_into_dequantized(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A QLoRA model as a plain `dtype` model, in place: each LoRA update added to its dequantized weight (the
+    function that was trained, quantization error included), every other quantized weight dequantized."""
+    from lit_llama.lora import merge_lora
+
+    merge_lora(model)
+    dequantize_model(model, dtype)
+    return model
+
+
+def quantize_for_generation(model: nn.Module, mode: str) -> nn.Module:
+    """Weight-only quantization of a plain model loaded from a bf16 (or fp32) checkpoint, in place: the block linear
+    layers and an untied output head (a tied head is the embedding table and stays as it is). Int8 runs PyTorch's
+    int8 weight kernel on a CPU; int4 torchao's CPU kernel (_weight_int4pack_mm_for_cpu), CPU only in torchao 0.18:
+    its CUDA int4 layouts need the separate mslk package."""
+    check_generation_mode(mode)
+    names = block_linear_names(model)
+    if getattr(model, "lm_head", None) is not None:
+        names.append("lm_head")
+    if mode == "int4" and any(p.device.type != "cpu" for p in model.parameters()):
+        raise UserError("--quantize int4 runs on a CPU only (torchao's GPU int4 kernels need the mslk package): "
+                        "use int8 on a GPU")
+    with torch.no_grad():
+        _quantize_linears(model, names, mode, device=None)
+    return model
+
+
+def parameter_bytes(model: nn.Module) -> dict:
+    """Bytes held by quantized weights and by everything else (embedding, head, norms, LoRA/adapter tensors)."""
+    quantized = plain = 0
+    for param in model.parameters():
+        if is_quantized(param):
+            inner, _ = param.__tensor_flatten__()
+            quantized += sum(getattr(param, name).numel() * getattr(param, name).element_size() for name in inner)
+        else:
+            plain += param.numel() * param.element_size()
+    return {"quantized": quantized, "unquantized": plain}
+
+
+def unquantized_parameters(model: nn.Module) -> dict[str, int]:
+    """Element counts of the parameters left unquantized, by name: what a quantized run still holds at full width."""
+    return {name: p.numel() for name, p in model.named_parameters() if not is_quantized(p)}
+
+
+def bits_per_weight(mode: str, rows: int = 4096, columns: int = 4096) -> float:
+    """Storage per weight of a (rows x columns) matrix in `mode` (the model in benchmarks/memory_7b.py)."""
+    n = rows * columns
+    if mode == "nf4":
+        return 4 + 16 / NF4_BLOCK_SIZE
+    if mode == "nf4-dq":
+        return 4 + 8 / NF4_BLOCK_SIZE + 16 / (NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE) + 16 / n
+    if mode == "int8":
+        return 8 + 32 / columns
+    if mode == "int4":
+        return 4 + 2 * 16 / 128
+    raise ValueError(mode)
+
