@@ -13,6 +13,7 @@ import torch
 from lit_llama.checkpoint import load
 from lit_llama.cli import run_cli
 from lit_llama.generation import SamplingArgs, generate_text, setup_runtime
+from lit_llama.quantize import check_generation_mode, quantize_for_generation
 from lit_llama.tokenizer import Tokenizer
 
 
@@ -24,16 +25,22 @@ class GenerateArgs(SamplingArgs):
         checkpoint_path: The model checkpoint (`lit-llama.pth`, with `model_config.json` beside it), or its directory.
         tokenizer_path: The tokenizer file or directory (default: the one beside the checkpoint).
         prompt: The text to continue.
+        quantize: Quantize the weights for generation: int8 (per-row scales) or int4 (CPU only), from the bf16 or
+            fp32 checkpoint as it loads.
     """
 
     checkpoint_path: Path = Path("checkpoints/lit-llama/7B/lit-llama.pth")
     tokenizer_path: Optional[Path] = None
     prompt: str = "Hello, my name is"
+    quantize: Optional[str] = None
 
 
 def main(settings: GenerateArgs) -> None:
     runtime = setup_runtime(settings.precision, settings.seed)
+    check_generation_mode(settings.quantize)
     model, tokenizer = load(settings.checkpoint_path, runtime.device, runtime.dtype)
+    if settings.quantize:
+        quantize_for_generation(model, settings.quantize)
     if settings.tokenizer_path is not None:
         tokenizer = Tokenizer(settings.tokenizer_path)
     generate_text(model, tokenizer, tokenizer.encode(settings.prompt), runtime, settings, prefix=settings.prompt)

@@ -22,6 +22,7 @@ from lit_llama.files import load_torch
 from lit_llama.lora import LORA
 from lit_llama.method import FULL, Method, merge
 from lit_llama.model import LLaMA, Config
+from lit_llama.quantize import merge_into_dequantized, quantize_frozen
 from lit_llama.tokenizer import Tokenizer
 
 FINETUNE_CONFIG_NAME = "finetune_config.json"
@@ -159,5 +160,8 @@ def load_finetuned(
     else:
         check_fits(model, finetuned, finetuned_path, base_path)
         load_weights(model, {**load_torch(base_path), **finetuned}, base_path, dtype)
-    model = merge(model.to(device))
-    return model.eval().requires_grad_(False), tokenizer, record
+    model = model.to(device).requires_grad_(False)
+    if record.get("quantize"):  # the function that was trained: the quantized base, the update added to it
+        quantize_frozen(model, record["quantize"])
+        return merge_into_dequantized(model, dtype).eval(), tokenizer, record
+    return merge(model).eval(), tokenizer, record

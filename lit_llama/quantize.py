@@ -281,12 +281,12 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     return model
 
 
-def merge_into_dequantized(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+def merge_into_dequantized(model: nn.Module, dtype: Optional[torch.dtype] = torch.bfloat16) -> nn.Module:
     """A QLoRA model as a plain `dtype` model, in place: each LoRA update added to its dequantized weight (the
     function that was trained, quantization error included), every other quantized weight dequantized."""
-    from lit_llama.lora import merge_lora
+    from lit_llama.method import merge
 
-    merge_lora(model)
+    merge(model)
     dequantize_model(model, dtype)
     return model
 

@@ -11,14 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_close
-from lit_llama.adapter_v2 import add_adapter_v2, mark_only_adapter_v2_as_trainable
+from lit_llama.adapter import AdapterArgs
+from lit_llama.adapter_v2 import ADAPTER_V2, add_adapter_v2
 from lit_llama.errors import UserError
 from lit_llama.generation import generate
-from lit_llama.lora import LoRALinear, add_lora, mark_only_lora_as_trainable
+from lit_llama.lora import LORA, LoRAArgs, LoRALinear, add_lora
 from lit_llama.model import LLaMA, Config
 from lit_llama.quantize import (
-    QuantizedLinear, check_generation_mode, check_training_mode, dequantize, dequantize_model, is_quantized, merge_into_dequantized,
-    quantize_for_generation, quantize_frozen, quantize_weight, unquantized_parameters, unshardable_parameters,
+    QuantizedLinear, check_generation_mode, check_training_mode, dequantize, dequantize_model, is_quantized,
+    merge_into_dequantized, quantize_for_generation, quantize_frozen, quantize_weight, unquantized_parameters,
+    unshardable_parameters,
 )
 
 torchao = pytest.importorskip("torchao")
@@ -36,8 +38,8 @@ def tiny(seed: int = 0, dtype=torch.bfloat16, **overrides) -> LLaMA:
 
 def qlora(mode: str, dtype=torch.bfloat16, seed: int = 0) -> LLaMA:
     """A tiny LoRA model on every projection with a non-zero B, its base quantized in `mode`."""
-    model = add_lora(tiny(seed, dtype), r=4, alpha=8, dropout=0.0, targets=["query", "key", "value", "projection", "mlp"])
-    mark_only_lora_as_trainable(model)
+    model = add_lora(tiny(seed, dtype), LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["query", "key", "value", "projection", "mlp"]))
+    LORA.mark_trainable(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("lora_B"):
@@ -108,8 +110,8 @@ def test_quantized_forward_equals_the_bf16_model_with_dequantized_weights(mode, 
     def build():
         if method == "lora":
             return qlora(mode)
-        model = add_adapter_v2(tiny(), prompt_length=4, start_layer=1)
-        mark_only_adapter_v2_as_trainable(model)
+        model = add_adapter_v2(tiny(), AdapterArgs(prompt_length=4, start_layer=1))
+        ADAPTER_V2.mark_trainable(model)
         torch.manual_seed(2)
         with torch.no_grad():
             for param in model.parameters():
@@ -203,8 +205,8 @@ def shard_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = add_lora(tiny(dtype=torch.float32), r=4, alpha=8, dropout=0.0, targets=["query", "value", "mlp"])
-    mark_only_lora_as_trainable(model)
+    model = add_lora(tiny(dtype=torch.float32), LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["query", "value", "mlp"]))
+    LORA.mark_trainable(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("lora_B"):
@@ -228,8 +230,8 @@ def test_two_processes_shard_nf4_weights_with_fsdp2_and_match_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(shard_worker, args=(2, port, str(tmp_path / "grads.pt")), nprocs=2)
-    model = add_lora(tiny(dtype=torch.float32), r=4, alpha=8, dropout=0.0, targets=["query", "value", "mlp"])
-    mark_only_lora_as_trainable(model)
+    model = add_lora(tiny(dtype=torch.float32), LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["query", "value", "mlp"]))
+    LORA.mark_trainable(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("lora_B"):

@@ -100,6 +100,9 @@ class FinetuneArgs:
         num_nodes: Machines to train on (see howto/multi_gpu.md).
         precision: bf16-true (default where supported for LoRA and the adapters: bf16 base, fp32 trained weights),
             bf16-mixed (default for full finetuning: fp32 weights, bf16 compute), 32-true, ...
+        quantize: Hold the frozen base weights of the transformer blocks as nf4, nf4-dq (NF4 with quantized scales,
+            QLoRA's double quantization) or int8, dequantized layer by layer in each product (LoRA and the adapters
+            only; see howto/finetune_lora.md).
         resume: "auto" to continue from the newest checkpoint in out_dir, or a checkpoint path.
     """
 
@@ -111,6 +114,7 @@ class FinetuneArgs:
     devices: int = 1
     num_nodes: int = 1
     precision: Optional[str] = None
+    quantize: Optional[str] = None
     resume: Optional[str] = None
 
 

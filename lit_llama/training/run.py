@@ -2,6 +2,7 @@
 from lit_llama.errors import UserError
 from lit_llama.method import Method
 from lit_llama.precision import resolve_precision
+from lit_llama.quantize import check_training_mode
 from lit_llama.training.args import FinetuneArgs
 from lit_llama.training.loop import Run, fit
 from lit_llama.training.run_dir import claim
@@ -13,13 +14,12 @@ def finetune(method: Method, options, settings: FinetuneArgs) -> None:
     (`options`: its settings dataclass, None for full finetuning), claim the out_dir and train."""
     train, out_dir = settings.train, settings.out_dir
     train.check(settings.devices * settings.num_nodes)
+    check_training_mode(settings.quantize, method.name)
     settings.eval.check()
     precision = resolve_precision(settings.precision, mixed=method.trains_base_weights)
     data = load_data(settings.data_dir, settings.checkpoint_path)
     fabric = setup_fabric(settings.devices, settings.num_nodes, precision, out_dir)
-    model, record = load_model(
-        fabric, settings.checkpoint_path, method, options, precision, data, train.seed, train.activation_checkpointing
-    )
+    model, record = load_model(fabric, settings.checkpoint_path, method, options, precision, data, train, settings.quantize)
     record |= {"data_dir": str(settings.data_dir), "precision": precision}
     lock, problem = None, None
     if fabric.global_rank == 0:  # one process owns the directory; every process learns whether it may go on

@@ -13,7 +13,9 @@ from lit_llama.finetuned import FINETUNE_CONFIG_NAME
 
 LOCK_NAME = ".lock"
 # what may change when a run is resumed (how long it runs, how often it logs or saves) is not in the record
-COMPARED = ("method", "lora", "adapter", "model_config", "prompt_style", "tokenizer", "data_dir", "precision")
+COMPARED = (
+    "method", "lora", "adapter", "model_config", "prompt_style", "tokenizer", "data_dir", "precision", "quantize"
+)
 def claim(out_dir: Path, resume: Optional[str], record: dict, final_name: str) -> IO:
     """Lock `out_dir` for this run and check that the run may use it; raises UserError naming the problem. Returns
     the open lock file: the lock holds until it is closed, or the process ends (a killed run leaves no stale lock)."""

@@ -2,6 +2,7 @@
 the method's layers added and only the method's weights trainable."""
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from lightning.fabric import Fabric
@@ -18,6 +19,8 @@ from lit_llama.method import Method
 from lit_llama.model import LLaMA
 from lit_llama.precision import autocast_dtype, weights_dtype
 from lit_llama.prompts import PromptStyle, resolve_prompt_style
+from lit_llama.quantize import quantize_frozen, unshardable_parameters
+from lit_llama.training.args import TrainArgs
 from lit_llama.tokenizer import Tokenizer
 
 
@@ -37,9 +40,10 @@ def shard_blocks(model: LLaMA, device_mesh) -> LLaMA:
     """FSDP2: each transformer block is one unit that is gathered for its forward and backward, then freed; the
     root (embedding, final norm, head) stays gathered between forward and backward since it is used twice."""
     mesh = device_mesh["data_parallel"]
+    whole = unshardable_parameters(model)  # int8 base weights: each device keeps a whole frozen copy
     for block in model.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh, ignored_params=whole or None)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, ignored_params=whole or None)
     return model
 
 
@@ -74,21 +78,23 @@ def load_data(data_dir: Path, checkpoint_path: Path) -> PreparedData:
 
 
 def load_model(
-    fabric: Fabric, checkpoint_path: Path, method: Method, options, precision: str, data: PreparedData, seed: int,
-    activation_checkpointing: bool = False,
+    fabric: Fabric, checkpoint_path: Path, method: Method, options, precision: str, data: PreparedData,
+    train: TrainArgs, quantize: Optional[str] = None,
 ) -> tuple[torch.nn.Module, dict]:
     """The base model with the method's layers added, only the method's weights trainable, set up on the device(s).
 
-    Frozen weights are held in the precision's dtype (bf16 by default); trainable weights of LoRA and the adapters
-    stay fp32 so small updates are not rounded away. Also returns the finetune_config record.
+    Frozen weights are held in the precision's dtype (bf16 by default), or quantized (`quantize`, layer by layer as
+    each moves to the device); trainable weights of LoRA and the adapters stay fp32 so small updates are not rounded
+    away. Also returns the finetune_config record.
     """
     path = weights_path(checkpoint_path)
     state_dict = load_torch(path)
     config = load_config(path, state_dict)
     check_context(data, config.block_size)
     record = finetune_config(method, options, config, data.meta["prompt_style"], data.tokenizer.identity, path)
+    record["quantize"] = quantize
     dtype = weights_dtype(precision)
-    torch.manual_seed(seed)  # the same initial LoRA/adapter weights on every rank
+    torch.manual_seed(train.seed)  # the same initial LoRA/adapter weights on every rank
     with torch.device("meta"):
         model = LLaMA(config)
     load_weights(model, state_dict, path, dtype)
@@ -98,7 +104,9 @@ def load_model(
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
-    model.activation_checkpointing = activation_checkpointing
+    if quantize:
+        quantize_frozen(model, quantize, device=fabric.device, shards=fabric.world_size)
+    model.activation_checkpointing = train.activation_checkpointing
     return fabric.setup_module(model), record
 
 
