@@ -36,6 +36,7 @@ GENERATION_MODES = {
 }
 NF4_BLOCK_SIZE = 64  # weights per absmax, as in QLoRA
 NF4_SCALER_BLOCK_SIZE = 256  # absmax scalers per int8 scale under double quantization, as in QLoRA
+SCALER_GROUPS_MULTIPLE = 8  # groups of scalers per weight: a multiple of 8 shards evenly over 1, 2, 4 or 8 devices
 
 
 @contextmanager
@@ -157,17 +158,22 @@ class QuantizedLinear(nn.Linear):
         return quantized_linear(x, self.weight, self.bias)
 
 
-def _nf4(weight: torch.Tensor, double_quantize: bool, shards: int) -> torch.Tensor:
+def _nf4(weight: torch.Tensor, double_quantize: bool, shards: int, name: str) -> torch.Tensor:
     """torchao's NF4 codes for `weight`. torchao always stores the absmax scalers double-quantized (int8, one scale
     per `scaler_block_size` scalers after subtracting their mean); without double quantization they are kept exact,
     in the weight's dtype, in that same tensor (a scale of one, a mean of zero), so the two modes share the format."""
     _, NF4Tensor, to_nf4, _ = _torchao()
     n_blocks = weight.numel() // NF4_BLOCK_SIZE
-    # the scaler blocks must tile the scalers, in a number of blocks that FSDP2 can split into `shards` equal parts
-    # (it splits each of the tensor's parts): the largest size up to QLoRA's 256 that does (576 x 576 -> 192)
+    # the scaler blocks must tile the scalers in a number of blocks that FSDP2 can split into equal parts (it splits
+    # each of the tensor's parts): the largest size up to QLoRA's 256 that gives a multiple of SCALER_GROUPS_MULTIPLE
+    # blocks (576 x 576 -> 216). It never depends on the device count, so a run quantizes its base the same way on
+    # 1, 2, 4 or 8 devices and when it is loaded again for inference.
     scaler_block_size = max(
-        d for d in range(1, NF4_SCALER_BLOCK_SIZE + 1) if n_blocks % (d * shards) == 0 or d == 1
+        d for d in range(1, NF4_SCALER_BLOCK_SIZE + 1) if n_blocks % (d * SCALER_GROUPS_MULTIPLE) == 0 or d == 1
     )
+    if (n_blocks // scaler_block_size) % shards:
+        raise UserError(f"cannot shard {name} in nf4 over {shards} devices: its {n_blocks // scaler_block_size} "
+                        "groups of scales do not split evenly (1, 2, 4 or 8 devices do)")
     quantized = to_nf4(weight.contiguous(), NF4_BLOCK_SIZE, scaler_block_size)
     if double_quantize:
         return quantized
@@ -193,7 +199,7 @@ def quantize_weight(weight: torch.Tensor, mode: str, name: str = "weight", shard
             if weight.size(0) % shards or weight.numel() % (NF4_BLOCK_SIZE * shards):
                 raise UserError(f"cannot shard {name} {tuple(weight.shape)} in {mode} over {shards} devices: its "
                                 f"rows and {NF4_BLOCK_SIZE}-weight blocks must split evenly")
-            quantized = _nf4(weight, double_quantize=mode == "nf4-dq", shards=shards)
+            quantized = _nf4(weight, double_quantize=mode == "nf4-dq", shards=shards, name=name)
         elif mode == "int8":
             quantized = ao.Int8Tensor.from_hp(weight, ao.PerRow())
         elif mode == "int4":

@@ -26,7 +26,8 @@ def qlora_settings(inputs, out_dir, **overrides):
     checkpoint_path, data_dir = inputs
     options = dict(precision="32-true", quantize="nf4-dq", learning_rate=0.02, warmup_steps=0, lora_mlp=True,
                    max_steps=4, eval_interval=4, save_interval=2)
-    return settings(checkpoint_path, data_dir, out_dir, **options | overrides)
+    options = {key: value for key, value in (options | overrides).items() if value is not None}
+    return settings(checkpoint_path, data_dir, out_dir, **options)
 
 
 def test_qlora_run_resumes_bit_exactly_and_its_result_is_the_quantized_function(inputs, tmp_path, single_thread):
@@ -76,7 +77,7 @@ def test_two_processes_train_a_qlora_run_like_one(inputs, tmp_path, single_threa
 
 
 def test_impossible_quantization_requests_are_one_line(inputs, tmp_path):
-    full = run_script("finetune/full.py", *as_args(qlora_settings(inputs, tmp_path / "full")))
+    full = run_script("finetune/full.py", *as_args(qlora_settings(inputs, tmp_path / "full", lora_mlp=None)))
     assert full.returncode == 2 and full.stderr.strip().splitlines()[-1].startswith("error: --quantize nf4-dq freezes")
     unknown = run_script("finetune/lora.py", *as_args(qlora_settings(inputs, tmp_path / "x", quantize="nf3")))
     assert unknown.returncode == 2 and "error: unknown --quantize 'nf3'" in unknown.stderr
