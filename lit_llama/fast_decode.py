@@ -76,7 +76,8 @@ def applies_to(model) -> bool:
     """Whether the step computes what `model(token, input_pos=position)` would: a plain LLaMA of plain layers (no
     LoRA, adapters or hooks, which the step would skip; not compiled or wrapped), no weight requiring gradients (so
     packing never moves a trainable weight), plain CPU tensors (not sharded), a KV cache for one sequence, and
-    neither compiling nor autocast."""
+    neither compiling nor autocast. Biases only where the config puts them (q, k, v: a merged adapter-v2 model has
+    them everywhere and takes the module path); q/k norms and a sliding window the step computes too."""
     if type(model) is not LLaMA or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
     if any(param.requires_grad or type(param.data) is not torch.Tensor or param.device.type != "cpu"

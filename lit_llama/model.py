@@ -70,7 +70,8 @@ class Config:
 
 
 llama3_rope = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
-llama32_rope = dict(llama3_rope, factor=32.0)
+llama3_2 = dict(block_size=131072, vocab_size=128256, n_query_groups=8, intermediate_size=8192, rope_base=500000.0,
+                rope_scaling=dict(llama3_rope, factor=32.0), tie_embeddings=True)
 qwen2_5 = dict(block_size=32768, vocab_size=151936, rope_base=1000000.0, norm_eps=1e-6, attention_bias=True)
 qwen3 = dict(block_size=40960, vocab_size=151936, rope_base=1000000.0, norm_eps=1e-6, n_query_groups=8,
              head_size=128, qk_norm=True)
@@ -110,14 +111,8 @@ configs = {
         rope_base=130000.0, tie_embeddings=True,
     ),
     # Llama 3.2: tied embeddings, Llama 3 RoPE scaling with factor 32
-    "Llama-3.2-1B": dict(
-        block_size=131072, vocab_size=128256, n_layer=16, n_head=32, n_query_groups=8, n_embd=2048,
-        intermediate_size=8192, rope_base=500000.0, rope_scaling=llama32_rope, tie_embeddings=True,
-    ),
-    "Llama-3.2-3B": dict(
-        block_size=131072, vocab_size=128256, n_layer=28, n_head=24, n_query_groups=8, n_embd=3072,
-        intermediate_size=8192, rope_base=500000.0, rope_scaling=llama32_rope, tie_embeddings=True,
-    ),
+    "Llama-3.2-1B": dict(llama3_2, n_layer=16, n_head=32, n_embd=2048),
+    "Llama-3.2-3B": dict(llama3_2, n_layer=28, n_head=24, n_embd=3072),
     # Qwen2.5: q/k/v biases (context: the Instruct models' 32768 without YaRN)
     "Qwen2.5-0.5B": dict(qwen2_5, n_layer=24, n_head=14, n_query_groups=2, n_embd=896, intermediate_size=4864,
                          tie_embeddings=True),
@@ -381,5 +376,7 @@ class LLaMA(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:  # q/k/v biases (attention_bias)
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()

@@ -281,3 +281,33 @@ def test_a_qwen2_window_over_every_layer_converts():
     windowed = dict(model_type="qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=0)
     assert config_from_hf({**base, **windowed}).sliding_window == 64
     assert config_from_hf({**base, **windowed, "use_sliding_window": False}).sliding_window is None
+
+
+@pytest.mark.parametrize("features", [dict(attention_bias=True), dict(qk_norm=True, head_size=24)])
+def test_a_windowed_qwen_model_computes_what_transformers_does(features):
+    """Qwen's classes take a window too (on every layer, as config_to_hf writes it)."""
+    from lit_llama.convert import lit_to_hf_name
+
+    torch.manual_seed(9)
+    model = LLaMA(Config.from_name("tiny-gqa", vocab_size=VOCAB, sliding_window=7, **features)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.uniform_(0.5, 1.5) if "norm" in name else param.normal_(std=0.2)
+    hf_config = transformers.AutoConfig.for_model(**config_to_hf(model.config))
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    state_dict = {lit_to_hf_name(k): v[:VOCAB] if k == "transformer.wte.weight" else v
+                  for k, v in model.state_dict().items()}
+    hf.load_state_dict(state_dict, strict=False)  # the tied head has no key of its own
+    hf.tie_weights()
+    idx = torch.randint(0, VOCAB, (2, SEQUENCE), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        assert_close(model(idx)[..., :VOCAB], hf_logits(hf, idx), ulps=HF_ULPS)
+
+
+def test_a_model_built_on_meta_resets_its_biases_to_zero_and_its_head_norms_to_one():
+    with torch.device("meta"):
+        model = LLaMA(Config.from_name("tiny", attention_bias=True, qk_norm=True))
+    model.to_empty(device="cpu").reset_parameters()
+    attn = model.transformer.h[0].attn
+    assert all(layer.bias.eq(0).all() for layer in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert attn.q_norm.weight.eq(1).all() and attn.k_norm.weight.eq(1).all() and attn.o_proj.bias is None
