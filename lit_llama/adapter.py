@@ -68,7 +68,10 @@ class AdapterAttention(CausalSelfAttention):
         recomputed on every call (prompt_length rows: cheap) and never enter the KV cache."""
         B, _, T, hs = q.shape
         prompt = self.adapter_wte.weight.to(self.k_proj.weight.dtype)  # the prompt may train in fp32, k_proj bf16
-        k = self.k_proj(prompt).view(1, -1, self.config.n_query_groups, hs).transpose(1, 2).expand(B, -1, -1, -1)
+        k = self.k_proj(prompt).view(1, -1, self.config.n_query_groups, hs)
+        if self.config.qk_norm:  # the prompt's keys are keys like any other: normalised, but never turned by RoPE
+            k = self.k_norm(k)
+        k = k.transpose(1, 2).expand(B, -1, -1, -1)
         v = self.v_proj(prompt).view(1, -1, self.config.n_query_groups, hs).transpose(1, 2).expand(B, -1, -1, -1)
         gqa = self.config.n_query_groups != self.config.n_head
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), enable_gqa=gqa)
@@ -87,8 +90,9 @@ def add_adapter(model: LLaMA, options: AdapterArgs) -> LLaMA:
         )
     for index in range(options.start_layer, model.config.n_layer):
         if not isinstance(model.transformer.h[index].attn, AdapterAttention):
+            norms = ("q_norm", "k_norm") if model.config.qk_norm else ()
             replace_module(
-                model, f"transformer.h.{index}.attn", keep=("q_proj", "k_proj", "v_proj", "o_proj", "kv_cache"),
+                model, f"transformer.h.{index}.attn", keep=("q_proj", "k_proj", "v_proj", "o_proj", "kv_cache", *norms),
                 build=lambda: AdapterAttention(model.config, options.prompt_length),
             )
     return model

@@ -47,16 +47,50 @@ def lit_to_hf_name(name: str) -> str:
     return _rename(name, 1)
 
 
+# What transformers' class for each model_type builds beyond Llama's attention (its defaults where config.json is
+# silent): q/k/v biases, q/k norms, head_dim when config.json leaves it out
+FAMILIES = {
+    "llama": dict(architecture="LlamaForCausalLM", attention_bias=False, qk_norm=False, head_dim=None),
+    "mistral": dict(architecture="MistralForCausalLM", attention_bias=False, qk_norm=False, head_dim=None),
+    "qwen2": dict(architecture="Qwen2ForCausalLM", attention_bias=True, qk_norm=False, head_dim=None),
+    "qwen3": dict(architecture="Qwen3ForCausalLM", attention_bias=False, qk_norm=True, head_dim=128),
+}
+
+
+def sliding_window_from_hf(hf_config: dict, model_type: str, n_layer: int) -> Optional[int]:
+    """The window every layer attends within, or None. Mistral windows every layer (4096 where config.json names
+    none); Qwen only with use_sliding_window, in layers from max_window_layers on, which we take only if that is
+    all of them or none."""
+    if model_type == "mistral":
+        return hf_config.get("sliding_window", 4096)
+    if model_type == "llama" or not hf_config.get("use_sliding_window"):
+        return None
+    window = hf_config.get("sliding_window")
+    layer_types = hf_config.get("layer_types") or [
+        "sliding_attention" if window is not None and i >= hf_config.get("max_window_layers", 28) else "full_attention"
+        for i in range(n_layer)
+    ]
+    if len(set(layer_types)) > 1:
+        raise UserError(
+            "config.json mixes sliding-window and full-attention layers (use_sliding_window with max_window_layers "
+            f"{hf_config.get('max_window_layers')} of {n_layer}); only one kind for every layer is supported"
+        )
+    return window if layer_types[0] == "sliding_attention" else None
+
+
 def config_from_hf(hf_config: dict, name: str = "") -> Config:
-    """Our Config from a Hugging Face Llama `config.json` (transformers 4.x or 5.x spelling of RoPE settings)."""
+    """Our Config from a Hugging Face `config.json` of a Llama, Mistral, Qwen2/2.5 or Qwen3 model (transformers
+    4.x or 5.x spelling of RoPE settings)."""
     model_type = hf_config.get("model_type", "llama")
-    if model_type not in ("llama", "mistral"):
-        raise UserError(f"config.json describes a {model_type!r} model; only Llama-family models convert")
-    if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
-        raise UserError("config.json asks for bias terms in attention/MLP, which this Llama model does not have")
+    if model_type not in FAMILIES:
+        raise UserError(f"config.json describes a {model_type!r} model; only {', '.join(FAMILIES)} models convert")
+    family = FAMILIES[model_type]
+    if (model_type in ("llama", "qwen3") and hf_config.get("attention_bias")) or hf_config.get("mlp_bias"):
+        raise UserError(
+            f"config.json asks for bias terms in the attention output or MLP (attention_bias/mlp_bias of a "
+            f"{model_type} model), which this model does not have (only q/k/v biases, as Qwen2's)"
+        )
     n_embd, n_head = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    if hf_config.get("head_dim") not in (None, n_embd // n_head):
-        raise UserError(f"config.json head_dim {hf_config['head_dim']} differs from hidden_size / num_attention_heads")
     # 5.x: rope_parameters {rope_type, rope_theta, ...}; 4.x: rope_theta and rope_scaling beside each other
     rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
     rope_base = rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))
@@ -83,11 +117,27 @@ def config_from_hf(hf_config: dict, name: str = "") -> Config:
         rope_scaling=rope_scaling,
         norm_eps=hf_config.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        head_size=hf_config.get("head_dim") or family["head_dim"] or n_embd // n_head,
+        attention_bias=family["attention_bias"],
+        qk_norm=family["qk_norm"],
+        sliding_window=sliding_window_from_hf(hf_config, model_type, hf_config["num_hidden_layers"]),
     )
 
 
+def hf_model_type(config: Config) -> str:
+    """The transformers class that computes what `config` does: Qwen3 for q/k norms, Qwen2 for q/k/v biases,
+    Mistral for a sliding window (Qwen's classes take one too), else Llama."""
+    if config.qk_norm and config.attention_bias:
+        raise UserError("no transformers model has q/k/v biases and q/k norms together: this model does not export")
+    if config.qk_norm:
+        return "qwen3"
+    if config.attention_bias:
+        return "qwen2"
+    return "mistral" if config.sliding_window is not None else "llama"
+
+
 def config_to_hf(config: Config) -> dict:
-    """A `config.json` for `transformers.LlamaForCausalLM`, loadable by transformers 4.x and 5.x alike."""
+    """A `config.json` for the transformers class `hf_model_type` names, loadable by transformers 4.x and 5.x."""
     rope_parameters = {"rope_type": "default", "rope_theta": config.rope_base}
     rope_scaling = None
     if config.rope_scaling:
@@ -97,9 +147,10 @@ def config_to_hf(config: Config) -> dict:
             "high_freq_factor": s["high_freq_factor"], "original_max_position_embeddings": s["original_max_seq_len"],
         }
         rope_parameters = {**rope_scaling, "rope_theta": config.rope_base}
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    model_type = hf_model_type(config)
+    hf_config = {
+        "architectures": [FAMILIES[model_type]["architecture"]],
+        "model_type": model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
         "intermediate_size": config.intermediate_size,
@@ -117,6 +168,16 @@ def config_to_hf(config: Config) -> dict:
         "rope_theta": config.rope_base,  # transformers 4.x
         "rope_scaling": rope_scaling,  # transformers 4.x
     }
+    if model_type == "mistral":
+        hf_config["sliding_window"] = config.sliding_window
+    elif model_type.startswith("qwen"):  # Qwen windows the layers from max_window_layers on: all of them, or none
+        windowed = config.sliding_window is not None
+        hf_config.update(
+            use_sliding_window=windowed, sliding_window=config.sliding_window,
+            max_window_layers=0 if windowed else config.n_layer,
+            layer_types=["sliding_attention" if windowed else "full_attention"] * config.n_layer,
+        )
+    return hf_config
 
 
 def interleaved_to_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:

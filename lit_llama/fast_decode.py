@@ -52,10 +52,14 @@ def packed_weight(layers: list[nn.Linear]) -> Optional[torch.Tensor]:
 
 
 class DecodeLayer(NamedTuple):
-    """What a decode step reads of one block: its norm weights, packed and plain matrices and KV cache."""
+    """What a decode step reads of one block: its norm weights, packed and plain matrices and KV cache (and the
+    q/k/v biases and q/k norm weights of models that have them)."""
 
     norm_1: torch.Tensor
     qkv: torch.Tensor
+    qkv_bias: Optional[torch.Tensor]
+    q_norm: Optional[torch.Tensor]
+    k_norm: Optional[torch.Tensor]
     o_proj: torch.Tensor
     norm_2: torch.Tensor
     gate_up: torch.Tensor
@@ -64,15 +68,16 @@ class DecodeLayer(NamedTuple):
     v_cache: torch.Tensor
 
 
-def is_plain_linear(layer) -> bool:
-    return type(layer) is nn.Linear and layer.bias is None
+def is_plain_linear(layer, bias: bool = False) -> bool:
+    return type(layer) is nn.Linear and (layer.bias is not None) == bias
 
 
 def applies_to(model) -> bool:
     """Whether the step computes what `model(token, input_pos=position)` would: a plain LLaMA of plain layers (no
     LoRA, adapters or hooks, which the step would skip; not compiled or wrapped), no weight requiring gradients (so
     packing never moves a trainable weight), plain CPU tensors (not sharded), a KV cache for one sequence, and
-    neither compiling nor autocast."""
+    neither compiling nor autocast. Biases only where the config puts them (q, k, v: a merged adapter-v2 model has
+    them everywhere and takes the module path); q/k norms and a sliding window the step computes too."""
     if type(model) is not LLaMA or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
     if any(param.requires_grad or type(param.data) is not torch.Tensor or param.device.type != "cpu"
@@ -92,8 +97,12 @@ def applies_to(model) -> bool:
             return False
         if not (type(block.norm_1) is RMSNorm and type(block.norm_2) is RMSNorm):
             return False
-        layers = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if not all(is_plain_linear(layer) for layer in layers):
+        qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if not all(is_plain_linear(layer, bias=model.config.attention_bias) for layer in qkv):
+            return False
+        if not all(is_plain_linear(layer) for layer in (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+            return False
+        if model.config.qk_norm and not (type(attn.q_norm) is RMSNorm and type(attn.k_norm) is RMSNorm):
             return False
         if attn.kv_cache is None or attn.kv_cache.k.size(0) != 1:
             return False
@@ -107,11 +116,15 @@ class DecodeStep:
     def __init__(self, model: LLaMA) -> None:
         config = model.config
         self.n_head, self.n_query_groups, self.head_size = config.n_head, config.n_query_groups, config.head_size
-        self.eps = config.norm_eps
+        self.eps, self.window = config.norm_eps, config.sliding_window
         self.layers = [
             DecodeLayer(
                 block.norm_1.weight.detach(),
                 pack_weights([block.attn.q_proj, block.attn.k_proj, block.attn.v_proj]),
+                torch.cat([block.attn.q_proj.bias, block.attn.k_proj.bias, block.attn.v_proj.bias]).detach()
+                if config.attention_bias else None,
+                block.attn.q_norm.weight.detach() if config.qk_norm else None,
+                block.attn.k_norm.weight.detach() if config.qk_norm else None,
                 block.attn.o_proj.weight.detach(),
                 block.norm_2.weight.detach(),
                 pack_weights([block.mlp.gate_proj, block.mlp.up_proj]),
@@ -136,12 +149,19 @@ class DecodeStep:
         n_head, n_query_groups, hs = self.n_head, self.n_query_groups, self.head_size
         x = self.wte[int(idx)]
         cos, sin = self.cos[position].to(x.dtype), self.sin[position].to(x.dtype)
+        first = 0 if self.window is None else max(0, position + 1 - self.window)  # the oldest key in the window
         for layer in self.layers:
-            heads = torch.mv(layer.qkv, rms_norm(x, layer.norm_1, self.eps)).view(n_head + 2 * n_query_groups, hs)
-            qk = apply_rope(heads[: n_head + n_query_groups], cos, sin)  # q's and k's heads turned in one go
+            h = rms_norm(x, layer.norm_1, self.eps)
+            heads = torch.mv(layer.qkv, h) if layer.qkv_bias is None else torch.addmv(layer.qkv_bias, layer.qkv, h)
+            heads = heads.view(n_head + 2 * n_query_groups, hs)
+            qk = heads[: n_head + n_query_groups]
+            if layer.q_norm is not None:
+                q, k = qk.split([n_head, n_query_groups])
+                qk = torch.cat((rms_norm(q, layer.q_norm, self.eps), rms_norm(k, layer.k_norm, self.eps)))
+            qk = apply_rope(qk, cos, sin)  # q's and k's heads turned in one go
             layer.k_cache[0, :, position] = qk[n_head:]
             layer.v_cache[0, :, position] = heads[n_head + n_query_groups :]
-            k, v = layer.k_cache[:, :, : position + 1], layer.v_cache[:, :, : position + 1]
+            k, v = layer.k_cache[:, :, first : position + 1], layer.v_cache[:, :, first : position + 1]
             q = qk[:n_head].view(1, n_head, 1, hs)
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=n_query_groups != n_head)
             x = x + torch.mv(layer.o_proj, y.view(-1))

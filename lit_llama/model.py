@@ -30,21 +30,26 @@ class Config:
     rope_scaling: Optional[dict] = None  # Llama-3.1 style: factor, low_freq_factor, high_freq_factor, original_max_seq_len
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    head_size: Optional[int] = None  # None: n_embd // n_head; Qwen3 and Mistral-Nemo set their own
+    attention_bias: bool = False  # biases on the q, k and v projections (Qwen2), none on o_proj
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
+    sliding_window: Optional[int] = None  # each query sees only this many keys, its own included (Mistral)
 
     def __post_init__(self):
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
         if self.padded_vocab_size is None:
             self.padded_vocab_size = math.ceil(self.vocab_size / self.padding_multiple) * self.padding_multiple
-        if self.n_embd % self.n_head or self.n_head % self.n_query_groups:
+        if self.head_size is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"config {self.name!r}: n_embd ({self.n_embd}) must divide by n_head ({self.n_head})")
+            self.head_size = self.n_embd // self.n_head
+        if self.n_head % self.n_query_groups:
             raise ValueError(
-                f"config {self.name!r}: n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
-                f"and n_head by n_query_groups ({self.n_query_groups})"
+                f"config {self.name!r}: n_head ({self.n_head}) must divide by n_query_groups ({self.n_query_groups})"
             )
-
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"config {self.name!r}: sliding_window must be at least 1, got {self.sliding_window}")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "Config":
@@ -65,6 +70,11 @@ class Config:
 
 
 llama3_rope = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+llama3_2 = dict(block_size=131072, vocab_size=128256, n_query_groups=8, intermediate_size=8192, rope_base=500000.0,
+                rope_scaling=dict(llama3_rope, factor=32.0), tie_embeddings=True)
+qwen2_5 = dict(block_size=32768, vocab_size=151936, rope_base=1000000.0, norm_eps=1e-6, attention_bias=True)
+qwen3 = dict(block_size=40960, vocab_size=151936, rope_base=1000000.0, norm_eps=1e-6, n_query_groups=8,
+             head_size=128, qk_norm=True)
 configs = {
     # Original LLaMA (Touvron et al. 2023)
     "7B": dict(n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, norm_eps=1e-6),
@@ -100,6 +110,20 @@ configs = {
         block_size=8192, vocab_size=49152, n_layer=24, n_head=32, n_embd=2048, intermediate_size=8192,
         rope_base=130000.0, tie_embeddings=True,
     ),
+    # Llama 3.2: tied embeddings, Llama 3 RoPE scaling with factor 32
+    "Llama-3.2-1B": dict(llama3_2, n_layer=16, n_head=32, n_embd=2048),
+    "Llama-3.2-3B": dict(llama3_2, n_layer=28, n_head=24, n_embd=3072),
+    # Qwen2.5: q/k/v biases (context: the Instruct models' 32768 without YaRN)
+    "Qwen2.5-0.5B": dict(qwen2_5, n_layer=24, n_head=14, n_query_groups=2, n_embd=896, intermediate_size=4864,
+                         tie_embeddings=True),
+    "Qwen2.5-1.5B": dict(qwen2_5, n_layer=28, n_head=12, n_query_groups=2, n_embd=1536, intermediate_size=8960,
+                         tie_embeddings=True),
+    "Qwen2.5-7B": dict(qwen2_5, vocab_size=152064, n_layer=28, n_head=28, n_query_groups=4, n_embd=3584,
+                       intermediate_size=18944),
+    # Qwen3: 128-wide heads whatever the width, q/k RMSNorm, no biases
+    "Qwen3-0.6B": dict(qwen3, n_layer=28, n_head=16, n_embd=1024, intermediate_size=3072, tie_embeddings=True),
+    "Qwen3-4B": dict(qwen3, n_layer=36, n_head=32, n_embd=2560, intermediate_size=9728, tie_embeddings=True),
+    "Qwen3-8B": dict(qwen3, n_layer=36, n_head=32, n_embd=4096, intermediate_size=12288),
     # Tiny configs for tests
     "tiny": dict(block_size=128, vocab_size=320, n_layer=2, n_head=4, n_embd=64, intermediate_size=172),
     "tiny-gqa": dict(
@@ -181,11 +205,14 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
-        hs = config.head_size
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * hs, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, config.n_query_groups * hs, bias=False)
-        self.v_proj = nn.Linear(config.n_embd, config.n_query_groups * hs, bias=False)
+        hs, bias = config.head_size, config.attention_bias
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * hs, bias=bias)
+        self.k_proj = nn.Linear(config.n_embd, config.n_query_groups * hs, bias=bias)
+        self.v_proj = nn.Linear(config.n_embd, config.n_query_groups * hs, bias=bias)
         self.o_proj = nn.Linear(config.n_head * hs, config.n_embd, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hs, eps=config.norm_eps)
+            self.k_norm = RMSNorm(hs, eps=config.norm_eps)
         self.kv_cache: Optional[KVCache] = None
 
     def forward(
@@ -200,6 +227,8 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         hs = self.config.head_size
         q, k, v = (layer(x).view(B, T, -1, hs) for layer in (self.q_proj, self.k_proj, self.v_proj))
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -207,22 +236,29 @@ class CausalSelfAttention(nn.Module):
         """Causal attention over this call's keys plus, when generating, the cached ones. Returns (B, T, C)."""
         B, _, T, _ = q.shape
         gqa = self.config.n_query_groups != self.config.n_head
+        window = self.config.sliding_window
         if input_pos is None or self.kv_cache is None:
-            if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-                # torch's fused CPU attention is 2-3x slower in bf16 than in fp32 (BENCHMARKS.md): upcast around it
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=gqa)
-                y = y.to(q.dtype)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            mask = None if window is None or T <= window else causal_mask(T, T, 0, window, q.device)
+            # torch's fused CPU attention is 2-3x slower in bf16 than in fp32 (BENCHMARKS.md): upcast around it
+            upcast = q.device.type == "cpu" and q.dtype == torch.bfloat16
+            qkv = (q.float(), k.float(), v.float()) if upcast else (q, k, v)
+            y = F.scaled_dot_product_attention(*qkv, mask, is_causal=mask is None, enable_gqa=gqa).to(q.dtype)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
-            if T == 1:  # one new token sees every cached position: no mask needed
+            if T == 1 and (window is None or k.size(2) <= window):  # one new token sees every cached position
                 y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
             else:
-                # query i sits at absolute position input_pos + i and may see keys 0..input_pos + i
-                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=q.device).tril(diagonal=input_pos)
+                mask = causal_mask(T, k.size(2), input_pos, window, q.device)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return y.transpose(1, 2).reshape(B, T, -1)
+
+
+def causal_mask(queries: int, keys: int, start: int, window: Optional[int], device) -> torch.Tensor:
+    """(queries, keys) bool: query i, at position start + i, sees the keys at positions start + i - window < j <=
+    start + i (every earlier one without a window), as transformers' sliding-window mask does."""
+    position = torch.arange(start, start + queries, device=device).unsqueeze(1)
+    key = torch.arange(keys, device=device)
+    return (key <= position) if window is None else (key <= position) & (key > position - window)
 
 
 class MLP(nn.Module):
@@ -340,5 +376,7 @@ class LLaMA(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:  # q/k/v biases (attention_bias)
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()

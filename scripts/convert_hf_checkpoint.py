@@ -1,4 +1,5 @@
-"""Convert a Hugging Face Llama-family checkpoint (safetensors or pytorch_model*.bin, sharded or not) to lit-llama.
+"""Convert a Hugging Face Llama, Mistral, Qwen2/2.5 or Qwen3 checkpoint (safetensors or pytorch_model*.bin, sharded
+or not) to lit-llama.
 
 Shards are read one at a time, tensor by tensor, so memory peaks near one shard plus the converted model.
 """
@@ -56,7 +57,7 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def main(checkpoint_dir: Path, output_dir: Path, dtype: Optional[str] = None) -> None:
-    """Convert a Hugging Face Llama checkpoint directory into a lit-llama checkpoint directory.
+    """Convert a Hugging Face Llama-family checkpoint directory into a lit-llama checkpoint directory.
 
     Args:
         checkpoint_dir: Directory with config.json, the weights and the tokenizer files (from huggingface-cli download).

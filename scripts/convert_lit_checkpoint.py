@@ -1,5 +1,6 @@
 """Convert a lit-llama checkpoint back to Hugging Face format: `config.json` + `model.safetensors` + tokenizer files,
-loadable with `transformers.LlamaForCausalLM.from_pretrained(output_dir)`."""
+loadable with `transformers.AutoModelForCausalLM.from_pretrained(output_dir)` (a Llama, Mistral, Qwen2 or Qwen3 class,
+whichever computes what the model does: lit_llama.convert.hf_model_type)."""
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from lit_llama.model import LLaMA
 
 
 def main(checkpoint_path: Path, output_dir: Path) -> None:
-    """Write a Hugging Face Llama model directory from a lit-llama checkpoint.
+    """Write a Hugging Face model directory from a lit-llama checkpoint.
 
     Args:
         checkpoint_path: The lit-llama.pth to convert (model_config.json and the tokenizer files are read beside it).

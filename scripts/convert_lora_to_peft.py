@@ -7,7 +7,7 @@ r"""Export LoRA weights as a Hugging Face PEFT adapter, for the base model expor
         --base_model_name_or_path checkpoints/hf/7B
 
 The output directory (adapter_config.json + adapter_model.safetensors) loads with
-`peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained("checkpoints/hf/7B"), "out/lora/alpaca/peft")`
+`peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("checkpoints/hf/7B"), "out/lora/alpaca/peft")`
 and in servers that take PEFT LoRA adapters, such as vLLM.
 """
 from pathlib import Path
