@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.py: its step runner and summary on stand-in steps; the whole flow on a CPU (--cpu --tiny)."""
+"""benchmarks/gpu_check.py: its step runner (gpu_check_runner.py) and summary on stand-in steps; the whole flow on a
+CPU (--cpu --tiny)."""
 import json
 import os
 import re
@@ -10,15 +11,16 @@ from conftest import REPO, run_script
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
+import gpu_check_runner as runner  # noqa: E402
 
 
-def stand_in(name: str, code: str, budget_s: float = 30, **options) -> gpu_check.Step:
-    return gpu_check.Step(name, budget_s, f"stand-in {name}", lambda ctx: ["-c", code], **options)
+def stand_in(name: str, code: str, budget_s: float = 30, **options) -> runner.Step:
+    return runner.Step(name, budget_s, f"stand-in {name}", lambda ctx: ["-c", code], **options)
 
 
 def test_a_failing_and_a_hanging_step_cost_only_themselves_and_the_summary_shows_each(tmp_path):
-    ctx = gpu_check.Context(sizes=gpu_check.TINY_SIZES, work=tmp_path / "work", out=tmp_path / "out",
-                            env=dict(os.environ))
+    ctx = runner.Context(sizes=gpu_check.TINY_SIZES, work=tmp_path / "work", out=tmp_path / "out",
+                         env=dict(os.environ))
     steps = [
         stand_in("succeeds", "print('Time for inference: 2.00 sec total, 25.00 tokens/sec')",
                  measure=gpu_check.measure_generation),
@@ -29,7 +31,7 @@ def test_a_failing_and_a_hanging_step_cost_only_themselves_and_the_summary_shows
         stand_in("skips_itself", "print('never runs')", skip=lambda ctx: "skipped: no --quantize in finetune/lora.py"),
         stand_in("runs_after_them", "print('still running')"),
     ]
-    results = {r.name: r for r in gpu_check.run_all(steps, ctx)}
+    results = {r.name: r for r in runner.run_all(steps, ctx)}
 
     assert [r.status for r in results.values()] == ["ok", "FAILED", "TIMEOUT", "skipped", "skipped", "ok"]
     assert results["succeeds"].tokens_per_s == 25.0 and results["succeeds"].exit_code == 0
@@ -57,8 +59,8 @@ def test_the_gpu_budgets_fit_in_seven_and_a_half_minutes():
 
 
 def test_the_seven_b_results_are_read_from_what_gpu_lora_7b_printed_before_a_timeout(tmp_path):
-    ctx = gpu_check.Context(sizes=gpu_check.GPU_SIZES, work=tmp_path, out=tmp_path, env={})
-    result = gpu_check.StepResult("lora_7b", "TIMEOUT", 40)
+    ctx = runner.Context(sizes=gpu_check.GPU_SIZES, work=tmp_path, out=tmp_path, env={})
+    result = runner.StepResult("lora_7b", "TIMEOUT", 40)
     printed = ("training: 4.10 micro-steps/s (0.76x the seed's 5.42), 4,198 tokens/s, 250 TFLOP/s = MFU 25.3% of "
                "989 TFLOP/s, peak memory 16.52 GiB\ngeneration, eager: 41.5 tokens/s\n")
     gpu_check.measure_7b(ctx, result, printed)
@@ -90,13 +92,13 @@ def test_on_a_gpu_peak_memory_is_what_the_script_printed_else_what_nvidia_smi_sa
     fake.write_text("#!/bin/sh\necho 1024\necho 3072\nexec sleep 60\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
-    ctx = gpu_check.Context(sizes=gpu_check.GPU_SIZES, work=tmp_path / "work", out=tmp_path / "out",
-                            env=dict(os.environ))
+    ctx = runner.Context(sizes=gpu_check.GPU_SIZES, work=tmp_path / "work", out=tmp_path / "out",
+                         env=dict(os.environ))
     steps = [
         stand_in("prints_its_peak", "print('Peak GPU memory allocated: 2.15 GB'); import time; time.sleep(0.5)"),
         stand_in("prints_nothing", "import time; time.sleep(0.5)"),
     ]
-    results = {r.name: r for r in gpu_check.run_all(steps, ctx)}
+    results = {r.name: r for r in runner.run_all(steps, ctx)}
     assert results["prints_its_peak"].memory_source == "max_memory_allocated"
     assert results["prints_its_peak"].peak_memory_gib == pytest.approx(2.15e9 / 2**30)
     assert (results["prints_nothing"].memory_source, results["prints_nothing"].peak_memory_gib) == ("nvidia-smi", 3.0)
