@@ -21,6 +21,8 @@ setup(
     ],
     extras_require={
         "gguf": ["gguf>=0.10"],
-        "test": ["pytest", "hypothesis", "transformers>=4.45", "peft", "gguf>=0.10", "psutil"],
+        "serve": ["fastapi==0.165.0", "uvicorn==0.54.0"],  # scripts/serve.py
+        "test": ["pytest", "hypothesis", "transformers>=4.45", "peft", "gguf>=0.10", "psutil",
+                 "fastapi==0.165.0", "uvicorn==0.54.0", "openai==3.57.0"],
     },
 )
