@@ -13,12 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, assert_close, run_script
 from lit_llama.checkpoint import load
+from lit_llama.errors import UserError
 from lit_llama.finetuned import FINETUNE_CONFIG_NAME, load_finetuned
 from lit_llama.generation import generate
 from lit_llama.lora import LORA, LoRAArgs, add_lora
 from lit_llama.prompts import resolve_prompt_style
+from lit_llama.serving import parse_adapters
+from lit_llama.serving.multi_lora import add_adapters
 from tiny_finetunes import load_base, make_base, randomise_trainable, save_finetuned
 from tiny_tokenizers import QWEN, with_template
 
@@ -209,3 +212,40 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
     while (health := served.health())["active"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert health["active"] == 0 and health["cancelled"] == cancelled_before + 1
+
+
+def test_the_batched_lora_layer_gives_each_row_its_own_adapters_update(tmp_path):
+    base_path = make_base(tmp_path / "base", "tiny")
+    lora_models, paths = {}, {}
+    for seed, (name, options) in enumerate(ADAPTERS.items(), start=1):
+        model = add_lora(load_base(base_path), LoRAArgs(**options))
+        LORA.mark_trainable(model)
+        torch.manual_seed(seed)
+        randomise_trainable(model, std=0.2)
+        lora_models[name], paths[name] = model, save_finetuned(model, "lora", tmp_path / name, base_path, **options)
+    model, tokenizer = load(base_path)
+    routing, _ = add_adapters(model, base_path, tokenizer, paths)
+    routing.rows = torch.tensor([2, 0, 1])  # counter, the base, sorter
+    for layer in ("transformer.h.0.attn.q_proj", "transformer.h.1.mlp.down_proj", "transformer.h.1.attn.v_proj"):
+        x = torch.randn(3, 5, model.get_submodule(layer).weight.size(1))
+        batched = model.get_submodule(layer)(x)
+        references = [lora_models["counter"], load_base(base_path), lora_models["sorter"]]
+        with torch.no_grad():
+            for row, reference in enumerate(references):
+                assert_close(batched[row], reference.get_submodule(layer).eval()(x[row]))
+
+
+def test_an_adapter_of_another_base_or_method_is_refused_in_one_line(tmp_path):
+    base_path = make_base(tmp_path / "base", "tiny")
+    other_base = make_base(tmp_path / "other", "tiny-gqa")
+    model = add_lora(load_base(other_base), LoRAArgs(r=2))
+    LORA.mark_trainable(model)
+    other = save_finetuned(model, "lora", tmp_path / "other_lora", other_base, r=2)
+    base, tokenizer = load(base_path)
+    with pytest.raises(UserError, match="finetuned from a different base model"):
+        add_adapters(base, base_path, tokenizer, {"other": other})
+    full = save_finetuned(load_base(base_path).requires_grad_(True), "full", tmp_path / "full", base_path)
+    with pytest.raises(UserError, match="only LoRA adapters can be served"):
+        add_adapters(base, base_path, tokenizer, {"full": full})
+    with pytest.raises(UserError, match="--lora takes name=path"):
+        parse_adapters(["just-a-path"])
