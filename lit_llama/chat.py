@@ -161,7 +161,7 @@ class ChatSession:
         print(f"[{len(reply)} tokens in {seconds:.2f} sec, {len(reply) / max(seconds, 1e-9):.1f} tokens/sec; "
               f"prefilled {self.last_prefill}, reused {len(prompt) - self.last_prefill} cached]",
               file=self.notices, flush=True)
-        if self.multi_turn:
+        if self.multi_turn and (text or not interrupted):  # a reply stopped before its first word is not kept
             self.turns += [{"role": "user", "content": user_text}, {"role": "assistant", "content": text}]
         return text
 

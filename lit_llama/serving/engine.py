@@ -141,7 +141,11 @@ class Engine:
             slot = len(self.active)
             prompt = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
             self.routing.rows = torch.tensor([request.adapter], device=self.device)
-            logits = self.forward(prompt, torch.tensor([0], device=self.device), slot)
+            try:
+                logits = self.forward(prompt, torch.tensor([0], device=self.device), slot)
+            except Exception:
+                request.emit(Event(error="internal error while reading the prompt (see the server log)"))
+                raise
             self.active.append(request)
             self.lengths.append(len(request.prompt))
             self.last_tokens.append(0)
