@@ -129,14 +129,19 @@ def test_a_prompt_style_without_a_template_answers_each_message_on_its_own(tmp_p
 
 
 def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(chat_lora):
-    path, _ = chat_lora
+    path, base_path = chat_lora
+    model, tokenizer, _ = load_finetuned(path)
+    style = resolve_prompt_style("chat_template", base_path.parent)
+    prompt = style.conversation_ids(tokenizer, [{"role": "user", "content": "Tell me a long story"}])
+    greedy = list(generate(model, prompt, 400, temperature=0, stop_ids=tokenizer.stop_ids))
+    assert not set(greedy) & tokenizer.stop_ids  # the greedy reply runs to the end of the context unless stopped
     process = subprocess.Popen(
         [sys.executable, str(REPO / "generate/chat.py"), "--finetuned_path", str(path), "--max_new_tokens", "100000",
-         "--context_length", "512", "--temperature", "1", "--top_k", "null", "--precision", "32-true"],
+         "--context_length", "512", "--temperature", "0", "--precision", "32-true"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
     )
     try:
-        # a long sampled reply over a 512-token context; its first bytes say generation is under way
+        # its first bytes say generation is under way
         process.stdin.write(b"Tell me a long story\n")
         process.stdin.flush()
         assert os.read(process.stdout.fileno(), 1)
