@@ -1,6 +1,7 @@
 """scripts/serve.py, started on 127.0.0.1 (a free port) over a tiny base with two LoRA adapters of different ranks and
 targets, and queried with the real `openai` client: greedy replies equal generate's (the adapter merged) for every
 model, whether requests come alone, in a mixed batch or 32 at once; bad requests get OpenAI's error JSON."""
+import functools
 import json
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from lit_llama.prompts import resolve_prompt_style
 from lit_llama.serving import parse_adapters
 from lit_llama.serving.multi_lora import add_adapters
 from tiny_finetunes import load_base, make_base, randomise_trainable, save_finetuned
-from tiny_tokenizers import QWEN, with_template
+from tiny_tokenizers import QWEN, smollm2_chat_template, with_template
 
 openai = pytest.importorskip("openai")
 
@@ -39,21 +40,29 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def make_adapters(base_path, directory, adapters: dict, std: float) -> dict:
+    """LoRA finetunes of `base_path` with random non-zero updates, recorded with the checkpoint's chat template."""
+    paths = {}
+    for seed, (name, options) in enumerate(adapters.items(), start=1):
+        model = add_lora(load_base(base_path), LoRAArgs(**options))
+        LORA.mark_trainable(model)
+        torch.manual_seed(seed)
+        randomise_trainable(model, std=std)
+        path = save_finetuned(model, "lora", directory / name, base_path, **options)
+        config_path = path.parent / FINETUNE_CONFIG_NAME
+        config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"prompt_style": "chat_template"}))
+        paths[name] = path
+    return paths
+
+
 class Served:
-    def __init__(self, directory):
-        base_path = make_base(directory / "base", "tiny")
-        with_template(base_path.parent, QWEN)
-        self.paths = {}
-        for seed, (name, options) in enumerate(ADAPTERS.items(), start=1):
-            model = add_lora(load_base(base_path), LoRAArgs(**options))
-            LORA.mark_trainable(model)
-            torch.manual_seed(seed)
-            randomise_trainable(model, std=0.2)
-            path = save_finetuned(model, "lora", directory / name, base_path, **options)
-            config_path = path.parent / FINETUNE_CONFIG_NAME
-            config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"prompt_style": "chat_template"}))
-            self.paths[name] = path
-        self.models = {"base": load(base_path)[0], **{name: load_finetuned(p)[0] for name, p in self.paths.items()}}
+    """scripts/serve.py over `base_path` (default: a tiny base with a Qwen-style template) and random adapters."""
+
+    def __init__(self, directory, base_path=None, adapters=ADAPTERS, std=0.2):
+        if base_path is None:
+            base_path = make_base(directory / "base", "tiny")
+            with_template(base_path.parent, QWEN)
+        self.paths = make_adapters(base_path, directory, adapters, std)
         self.tokenizer = load(base_path)[1]
         self.style = resolve_prompt_style(None, base_path.parent)
         self.base_path = base_path
@@ -62,30 +71,42 @@ class Served:
         lora = [arg for name, path in self.paths.items() for arg in ("--lora", f"{name}={path}")]
         self.process = subprocess.Popen(
             [sys.executable, str(REPO / "scripts/serve.py"), "--checkpoint_path", str(base_path), *lora,
-             "--port", str(self.port), "--max_batch_size", "8", "--precision", "32-true"],
+             "--port", str(self.port), "--max_batch_size", "8", "--precision", "32-true", "--base_name", "base"],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=self.log.open("w"),
         )
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300
         while True:
             try:
                 self.health()
                 break
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.process.kill()
+                    self.stop()
                     raise AssertionError(f"the server did not start: {self.log.read_text()}")
                 time.sleep(0.2)
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+    @functools.cached_property
+    def models(self) -> dict:
+        """The reference models: the base, and each adapter merged by load_finetuned."""
+        return {"base": load(self.base_path)[0], **{name: load_finetuned(p)[0] for name, p in self.paths.items()}}
 
     def health(self) -> dict:
         with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
             return json.loads(response.read())
 
     def greedy(self, model: str, prompt: list[int], max_tokens: int = NEW_TOKENS) -> str:
-        stops = set(self.tokenizer.stop_ids)
+        stops, reference = set(self.tokenizer.stop_ids), self.models[model]  # loaded outside inference mode
         with torch.inference_mode():
-            tokens = generate(self.models[model], torch.tensor(prompt), max_tokens, temperature=0, stop_ids=stops)
+            tokens = generate(reference, torch.tensor(prompt), max_tokens, temperature=0, stop_ids=stops)
             return self.tokenizer.decode([t for t in tokens if t not in stops])
 
     def greedy_chat(self, model: str, messages: list[dict], max_tokens: int = NEW_TOKENS) -> str:
@@ -100,11 +121,7 @@ class Served:
 def served(tmp_path_factory):
     server = Served(tmp_path_factory.mktemp("serve"))
     yield server
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
+    server.stop()
 
 
 def test_models_lists_the_base_and_every_adapter(served):
@@ -249,3 +266,23 @@ def test_an_adapter_of_another_base_or_method_is_refused_in_one_line(tmp_path):
         add_adapters(base, base_path, tokenizer, {"full": full})
     with pytest.raises(UserError, match="--lora takes name=path"):
         parse_adapters(["just-a-path"])
+
+
+@pytest.mark.slow
+def test_the_shipped_smollm2_serves_a_lora_as_generate_finetuned_answers(tmp_path):
+    smollm2_chat_template()  # skips without the GGUF package
+    run_script("scripts/convert_gguf_checkpoint.py", "--output_dir", tmp_path / "smollm2", check=True)
+    served = Served(tmp_path, tmp_path / "smollm2" / "lit-llama.pth",
+                    {"demo": dict(r=8, alpha=16, targets=["query", "value", "mlp"])}, std=0.01)
+    try:
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        (tmp_path / "chat.json").write_text(json.dumps(messages))
+        script = run_script("generate/finetuned.py", "--finetuned_path", served.paths["demo"], "--messages",
+                            tmp_path / "chat.json", "--max_new_tokens", NEW_TOKENS, "--temperature", 0,
+                            "--precision", "32-true", check=True)
+        with ThreadPoolExecutor(2) as pool:  # the adapter and the base in one batch
+            demo, base = pool.map(lambda name: served.chat(name, messages).choices[0].message.content, ["demo", "base"])
+        assert demo == script.stdout.removesuffix("\n")
+        assert "Paris" in base
+    finally:
+        served.stop()
