@@ -58,6 +58,7 @@ def main(settings: ServeArgs) -> None:
         settings.checkpoint_path, parse_adapters(settings.lora), settings.base_name, settings.prompt_style,
         settings.max_batch_size, settings.context_length, settings.max_tokens, runtime.device, runtime.dtype,
     )
+    print(f"listening on http://{settings.host}:{settings.port}/v1 (Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from lit_llama.adapter import ADAPTER, AdapterArgs, add_adapter
 from lit_llama.checkpoint import load
 from lit_llama.finetuned import FINETUNE_CONFIG_NAME, load_finetuned
 from lit_llama.generation import generate
@@ -90,6 +91,29 @@ def test_every_reply_equals_generate_over_the_whole_conversation_and_only_new_tu
     prefilled, reused = (int(w) for w in reuse[1].split("prefilled ")[1].replace(" cached]", "").split(", reused "))
     first_prompt = reference.style.conversation_ids(tokenizer, messages[:2]).tolist()
     assert reused >= len(first_prompt) and prefilled < len(first_prompt)
+
+
+def test_an_adapter_finetune_chats_over_the_plain_model_path_with_the_same_replies(tmp_path):
+    """LLaMA-Adapter layers do not merge: decoding takes model.forward at an offset rather than fast_decode."""
+    base_path = make_base(tmp_path / "base", "tiny")
+    with_template(base_path.parent, QWEN)
+    model = add_adapter(load_base(base_path), AdapterArgs(prompt_length=4, start_layer=1))
+    ADAPTER.mark_trainable(model)
+    torch.manual_seed(3)
+    randomise_trainable(model, std=0.5)
+    path = save_finetuned(model, "adapter", tmp_path / "out", base_path, prompt_length=4, start_layer=1)
+    config_path = path.parent / FINETUNE_CONFIG_NAME
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"prompt_style": "chat_template"}))
+    finetuned, tokenizer, _ = load_finetuned(path)
+    reference = Reference(finetuned, tokenizer, resolve_prompt_style("chat_template", base_path.parent))
+    messages = [{"role": "user", "content": "Sort: stone tree"}]
+    messages.append({"role": "assistant", "content": reference.turn(messages)})
+    messages.append({"role": "user", "content": "Reverse them."})
+    reference.turn(messages)
+    result = run_chat("--finetuned_path", path, "--max_new_tokens", NEW_TOKENS, lines=["Sort: stone tree",
+                                                                                     "Reverse them."])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == reference.stdout and "reused 0 cached" not in result.stderr.splitlines()[-1]
 
 
 def test_a_full_context_drops_the_oldest_turns_with_a_notice_and_answers_the_rest(chat_lora):

@@ -119,14 +119,14 @@ def create_app(engine: Engine, tokenizer, models: dict[str, ServedModel], defaul
                            "model_not_found")
         return models[name]
 
-    def submit(body: Sampling, model: ServedModel, prompt: list[int], max_tokens: Optional[int]):
+    def submit(body: Sampling, model: ServedModel, prompt: list[int], max_tokens: Optional[int], param: str):
         limit = engine.context_length
         if not prompt:
-            raise APIError(400, "the prompt is empty", "prompt")
+            raise APIError(400, "the prompt is empty", param)
         if len(prompt) >= limit or (max_tokens is not None and len(prompt) + max_tokens > limit):
             asked = f" plus max_tokens {max_tokens}" if max_tokens else ""
             raise APIError(400, f"this model's context is {limit} tokens; the prompt has {len(prompt)}{asked}",
-                           "messages", "context_length_exceeded")
+                           param, "context_length_exceeded")
         max_tokens = max_tokens or min(default_max_tokens, limit - len(prompt))
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(s for s in body.stop or () if s)
         events: asyncio.Queue = asyncio.Queue()
@@ -195,7 +195,7 @@ def create_app(engine: Engine, tokenizer, models: dict[str, ServedModel], defaul
             prompt = model.style.conversation_ids(tokenizer, [m.as_dict() for m in body.messages]).tolist()
         except UserError as error:
             raise APIError(400, str(error), "messages") from None
-        request, events = submit(body, model, prompt, body.max_completion_tokens or body.max_tokens)
+        request, events = submit(body, model, prompt, body.max_completion_tokens or body.max_tokens, "messages")
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             def chunk(text, finish_reason):
@@ -220,7 +220,7 @@ def create_app(engine: Engine, tokenizer, models: dict[str, ServedModel], defaul
                 raise APIError(400, "one prompt per request (a list of one string at most)", "prompt")
             body.prompt = body.prompt[0]
         prompt = tokenizer.encode(body.prompt).tolist()
-        request, events = submit(body, model, prompt, body.max_tokens)
+        request, events = submit(body, model, prompt, body.max_tokens, "prompt")
         reply_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prefix = body.prompt if body.echo else ""
         if body.stream:
