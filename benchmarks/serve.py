@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from generation import cpu_name, hf_model  # noqa: E402
 
-from lit_llama.checkpoint import load  # noqa: E402
+from lit_llama.checkpoint import load, load_config  # noqa: E402
 from lit_llama.cli import run_cli  # noqa: E402
 from lit_llama.errors import UserError  # noqa: E402
 from lit_llama.prompts import resolve_prompt_style  # noqa: E402
@@ -73,11 +73,12 @@ def post_json(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def start_server(checkpoint_dir: Path, port: int, max_batch_size: int, precision: str, threads: int, log: Path):
+def start_server(checkpoint_dir: Path, port: int, max_batch_size: int, precision: str, threads: int,
+                 context_length: int, log: Path):
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
         [sys.executable, str(REPO / "scripts/serve.py"), "--checkpoint_path", str(checkpoint_dir), "--port", str(port),
-         "--max_batch_size", str(max_batch_size), "--precision", precision, "--context_length", "1024"],
+         "--max_batch_size", str(max_batch_size), "--precision", precision, "--context_length", str(context_length)],
         env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"),
     )
     url = f"http://127.0.0.1:{port}"
@@ -101,6 +102,7 @@ def main(
     precision: str = "bf16-true",
     threads: int = 2,
     port: int = 8765,
+    context_length: int = 1024,
     skip_transformers: bool = False,
 ) -> None:
     """Benchmark the server against transformers' generate serving one request at a time.
@@ -113,6 +115,7 @@ def main(
         precision: bf16-true or 32-true, for both.
         threads: torch threads for both (the server through OMP_NUM_THREADS).
         port: The server's port on 127.0.0.1.
+        context_length: The server's context per request (its KV cache per slot).
         skip_transformers: Measure the server only.
     """
     if not (checkpoint_dir / "lit-llama.pth").is_file():
@@ -120,7 +123,8 @@ def main(
     concurrency = list(concurrency)
     rows = []
     log = Path(os.environ.get("TMPDIR", "/tmp")) / "lit_llama_serve_benchmark.log"
-    process, url = start_server(checkpoint_dir, port, max(concurrency), precision, threads, log)
+    context_length = min(context_length, load_config(checkpoint_dir).block_size)
+    process, url = start_server(checkpoint_dir, port, max(concurrency), precision, threads, context_length, log)
     try:
         models = json.loads(urllib.request.urlopen(url + "/v1/models").read())["data"]
         name = models[0]["id"]

@@ -286,3 +286,13 @@ def test_the_shipped_smollm2_serves_a_lora_as_generate_finetuned_answers(tmp_pat
         assert "Paris" in base
     finally:
         served.stop()
+
+
+def test_the_serving_benchmark_runs_and_prints_its_table(tmp_path):
+    base_path = make_base(tmp_path / "base", "tiny")
+    with_template(base_path.parent, QWEN)
+    result = run_script("benchmarks/serve.py", "--checkpoint_dir", base_path.parent, "--concurrency", "[1,2]",
+                        "--requests_per_client", 1, "--max_tokens", 4, "--precision", "32-true", "--threads", 1,
+                        "--port", free_port(), check=True)
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| lit-llama serve", "| transformers g"))]
+    assert len(rows) == 4 and all(float(row.split("|")[5]) > 0 for row in rows)
