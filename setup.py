@@ -23,6 +23,8 @@ setup(
         "gguf": ["gguf>=0.10"],
         # QLoRA's NF4 base and int8/int4 weight-only generation (lit_llama/quantize.py)
         "quantize": ["torchao==0.18.*"],
-        "test": ["pytest", "hypothesis", "transformers>=4.45", "peft", "gguf>=0.10", "psutil", "torchao==0.18.*"],
+        "serve": ["fastapi==0.165.0", "uvicorn==0.54.0"],  # scripts/serve.py
+        "test": ["pytest", "hypothesis", "transformers>=4.45", "peft", "gguf>=0.10", "psutil", "torchao==0.18.*",
+                 "fastapi==0.165.0", "uvicorn==0.54.0", "openai==3.57.0"],
     },
 )

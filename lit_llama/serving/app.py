@@ -1,0 +1,242 @@
+"""The OpenAI-compatible HTTP API (FastAPI): /v1/chat/completions, /v1/completions, /v1/models, and /health.
+
+A request is checked here (its model, its length against the context, its fields), tokenized (chat messages with
+the model's chat template: the base checkpoint's, or the prompt style an adapter was finetuned with) and handed to
+the engine thread (engine.py); its tokens come back through an asyncio queue, as one JSON reply or as server-sent
+events. Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a request the server
+cannot serve (too long for the context, body not JSON), 404 for an unknown model, 422 for a body with wrong fields.
+A streaming client that disconnects cancels its request: the engine frees its slot at the next step.
+"""
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from lit_llama.errors import UserError
+from lit_llama.prompts import PromptStyle
+from lit_llama.serving.engine import Engine, Event, Request
+
+
+@dataclass
+class ServedModel:
+    name: str
+    adapter: int  # 0: the base
+    style: Optional[PromptStyle]  # how its chat messages are rendered (None: no chat template)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(status: int, message: str, param=None, code=None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs false, ...)
+
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[dict] = None
+    n: int = Field(1, ge=1, le=1)  # one choice per request
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[TextPart]]
+
+    def as_dict(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: Union[str, list[str]]
+    echo: bool = False
+
+
+def create_app(engine: Engine, tokenizer, models: dict[str, ServedModel], default_max_tokens: int) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="lit-llama", lifespan=lifespan)
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(request, error: APIError):
+        return error_response(error.status, error.message, error.param, error.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request, error: RequestValidationError):
+        problems = error.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            return error_response(400, "the request body is not valid JSON", code="invalid_json")
+        first = problems[0] if problems else {}
+        where = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        return error_response(422, f"invalid request: {where}: {first.get('msg', 'invalid value')}", param=where)
+
+    @app.get("/v1/models")
+    async def list_models():
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "lit-llama"} for name in models]
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health():
+        return engine.status()
+
+    def served(name: str) -> ServedModel:
+        if name not in models:
+            raise APIError(404, f"the model {name!r} does not exist; served: {', '.join(models)}", "model",
+                           "model_not_found")
+        return models[name]
+
+    def submit(body: Sampling, model: ServedModel, prompt: list[int], max_tokens: Optional[int], param: str):
+        limit = engine.context_length
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param)
+        if len(prompt) >= limit or (max_tokens is not None and len(prompt) + max_tokens > limit):
+            asked = f" plus max_tokens {max_tokens}" if max_tokens else ""
+            raise APIError(400, f"this model's context is {limit} tokens; the prompt has {len(prompt)}{asked}",
+                           param, "context_length_exceeded")
+        max_tokens = max_tokens or min(default_max_tokens, limit - len(prompt))
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(s for s in body.stop or () if s)
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def emit(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop has closed (server shutdown)
+                pass
+
+        request = Request(prompt, model.adapter, max_tokens, emit, body.temperature, body.top_p, stop, body.seed)
+        engine.submit(request)
+        return request, events
+
+    async def collect(request: Request, events: asyncio.Queue) -> tuple[str, Event]:
+        text = []
+        try:
+            while True:
+                event = await events.get()
+                if event.error:
+                    raise APIError(500, event.error)
+                text.append(event.text)
+                if event.finish_reason:
+                    return "".join(text), event
+        finally:
+            request.cancelled = True  # a no-op once it finished; frees the slot if this handler was cancelled
+
+    def usage(event: Event) -> dict:
+        return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+                "total_tokens": event.prompt_tokens + event.completion_tokens}
+
+    def stream(request: Request, events: asyncio.Queue, chunk, include_usage: bool):
+        """Server-sent events: `chunk(text, finish_reason)` for each piece, usage if asked, then [DONE]."""
+
+        async def body():
+            try:
+                first = chunk(None, None)
+                if first is not None:
+                    yield f"data: {json.dumps(first)}\n\n"
+                while True:
+                    event = await events.get()
+                    if event.error:
+                        yield f"data: {json.dumps({'error': {'message': event.error, 'type': 'server_error'}})}\n\n"
+                        break
+                    if event.text or event.finish_reason:
+                        yield f"data: {json.dumps(chunk(event.text, event.finish_reason))}\n\n"
+                    if event.finish_reason:
+                        if include_usage:
+                            final = chunk("", None) | {"choices": [], "usage": usage(event)}
+                            yield f"data: {json.dumps(final)}\n\n"
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                request.cancelled = True  # the client went away mid-stream (or the reply is complete)
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        model = served(body.model)
+        if model.style is None or model.style.chat_template is None:
+            raise APIError(400, f"model {model.name!r} has no chat template to render messages with: use "
+                                "/v1/completions", "messages")
+        try:
+            prompt = model.style.conversation_ids(tokenizer, [m.as_dict() for m in body.messages]).tolist()
+        except UserError as error:
+            raise APIError(400, str(error), "messages") from None
+        request, events = submit(body, model, prompt, body.max_completion_tokens or body.max_tokens, "messages")
+        reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            def chunk(text, finish_reason):
+                delta = {"role": "assistant", "content": ""} if text is None else {"content": text}
+                if finish_reason and not text:
+                    delta = {}
+                return {"id": reply_id, "object": "chat.completion.chunk", "created": now, "model": model.name,
+                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+            return stream(request, events, chunk, bool((body.stream_options or {}).get("include_usage")))
+        text, final = await collect(request, events)
+        return {"id": reply_id, "object": "chat.completion", "created": now, "model": model.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": final.finish_reason}],
+                "usage": usage(final)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        model = served(body.model)
+        if isinstance(body.prompt, list):
+            if len(body.prompt) != 1:
+                raise APIError(400, "one prompt per request (a list of one string at most)", "prompt")
+            body.prompt = body.prompt[0]
+        prompt = tokenizer.encode(body.prompt).tolist()
+        request, events = submit(body, model, prompt, body.max_tokens, "prompt")
+        reply_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        prefix = body.prompt if body.echo else ""
+        if body.stream:
+            def chunk(text, finish_reason):
+                if text is None:
+                    if not prefix:
+                        return None
+                    text = prefix
+                return {"id": reply_id, "object": "text_completion", "created": now, "model": model.name,
+                        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+            return stream(request, events, chunk, bool((body.stream_options or {}).get("include_usage")))
+        text, final = await collect(request, events)
+        return {"id": reply_id, "object": "text_completion", "created": now, "model": model.name,
+                "choices": [{"index": 0, "text": prefix + text, "logprobs": None,
+                             "finish_reason": final.finish_reason}],
+                "usage": usage(final)}
+
+    return app
