@@ -272,3 +272,16 @@ def test_smollm2_gguf_to_lit_to_gguf_to_lit_keeps_tokenizer_and_weights(tmp_path
     assert second_weights.keys() == first_weights.keys()
     for name, weight in first_weights.items():
         assert torch.equal(second_weights[name], weight), name
+
+
+@pytest.mark.slow
+def test_llama_cpp_generates_our_greedy_tokens_from_an_f32_export(tmp_path):
+    pytest.importorskip("llama_cpp")
+    base_path = make_base(tmp_path / "base", "tiny-gqa-untied")
+    gguf_path = export(tmp_path, "f32", "--checkpoint_path", base_path)
+    report = tmp_path / "check.json"
+    run_script("benchmarks/llama_cpp_check.py", "--checkpoint_path", base_path, "--gguf_paths", f"[{gguf_path}]",
+               "--max_new_tokens", 16, "--threads", 1, "--output_json", report, check=True)
+    rows = json.loads(report.read_text())[0]["prompts"]
+    assert all(row["same_prompt_ids"] for row in rows)  # llama.cpp's tokenizer, rebuilt from the file, agrees
+    assert [row["theirs"] for row in rows] == [row["ours"] for row in rows]
