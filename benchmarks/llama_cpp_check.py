@@ -53,29 +53,14 @@ def llama_cpp_greedy(llm, prompt_ids: list[int], max_new_tokens: int, stop_ids: 
     return new
 
 
-def load_llama_cpp(path: Path, threads: int, extra_buffers: bool):
-    """llama.cpp with an f32 KV cache and every position's logits kept.
-
-    `extra_buffers` False turns off llama.cpp's repacked weight buffers (AMX, ...): on virtual machines whose CPU
-    reports AMX that the hypervisor does not enable, quantized matmuls there die with SIGILL. llama-cpp-python has no
-    argument for it, so its model defaults are patched while the model loads."""
+def load_llama_cpp(path: Path, threads: int):
+    """llama.cpp with an f32 KV cache (its default, f16, would round what ours keeps in fp32), all logits kept."""
     import llama_cpp
 
-    default_params = llama_cpp.llama_model_default_params
-
-    def model_params():
-        params = default_params()
-        params.use_extra_bufts = extra_buffers
-        return params
-
-    llama_cpp.llama_model_default_params = model_params
-    try:
-        return llama_cpp.Llama(
-            str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, logits_all=True,
-            type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False,
-        )
-    finally:
-        llama_cpp.llama_model_default_params = default_params
+    return llama_cpp.Llama(
+        str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, logits_all=True,
+        type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False,
+    )
 
 
 def agreement(ours: list[int], theirs: list[int]) -> int:
@@ -95,7 +80,6 @@ def main(
     threads: int = 2,
     prompts: Optional[list[str]] = None,
     output_json: Optional[Path] = None,
-    extra_buffers: bool = False,
 ) -> None:
     """Compare greedy generations of llama.cpp on GGUF exports with ours on the checkpoint they came from.
 
@@ -106,7 +90,6 @@ def main(
         threads: CPU threads for both.
         prompts: Texts to continue (default: four ChatML questions and two plain continuations).
         output_json: Also write the results here.
-        extra_buffers: Let llama.cpp repack weights for AMX and the like (crashes on some virtual machines).
     """
     try:
         import llama_cpp
@@ -130,7 +113,7 @@ def main(
 
     results = []
     for path in gguf_paths:
-        llm = load_llama_cpp(path, threads, extra_buffers)
+        llm = load_llama_cpp(path, threads)
         rows = []
         for prompt, (prompt_ids, ours) in zip(prompts, references):
             tokenized = llm.tokenize(prompt.encode("utf-8"), add_bos=bool(tokenizer.add_bos), special=True)
