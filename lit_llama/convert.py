@@ -189,6 +189,12 @@ def interleaved_to_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Tens
     return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def rotate_half_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `interleaved_to_rotate_half`: the q/k row order GGUF files (llama.cpp) and Meta expect."""
+    rows, cols = weight.shape
+    return weight.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
 def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     if name is None:
         return None
