@@ -34,13 +34,43 @@ class Config:
     def __post_init__(self):
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
+        self.check_values()
         if self.padded_vocab_size is None:
             self.padded_vocab_size = math.ceil(self.vocab_size / self.padding_multiple) * self.padding_multiple
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"config {self.name!r}: padded_vocab_size ({self.padded_vocab_size}) is below vocab_size")
         if self.n_embd % self.n_head or self.n_head % self.n_query_groups:
             raise ValueError(
                 f"config {self.name!r}: n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
                 f"and n_head by n_query_groups ({self.n_query_groups})"
             )
+
+    def check_values(self) -> None:
+        """One line naming the first bad value: a config file is user input, and a zero or fractional size would
+        otherwise fail deep inside model construction."""
+        sizes = ["block_size", "vocab_size", "padding_multiple", "n_layer", "n_head", "n_query_groups", "n_embd",
+                 "intermediate_size"] + (["padded_vocab_size"] if self.padded_vocab_size is not None else [])
+        for name in sizes:
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"config {self.name!r}: {name} must be a whole number of at least 1, got {value!r}")
+        for name in ("rope_base", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"config {self.name!r}: {name} must be a positive finite number, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"config {self.name!r}: tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        if self.rope_scaling is not None:
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")
+            scaling = self.rope_scaling
+            if (not isinstance(scaling, dict) or sorted(scaling) != sorted(keys)
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+                               for v in scaling.values())
+                    or scaling["high_freq_factor"] <= scaling["low_freq_factor"]):
+                raise ValueError(
+                    f"config {self.name!r}: rope_scaling must be null or positive {', '.join(keys)} "
+                    f"(high_freq_factor > low_freq_factor), got {scaling!r}"
+                )
 
     @property
     def head_size(self) -> int:
@@ -54,6 +84,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
+        if not isinstance(values, dict):
+            raise ValueError(f"a model config is a JSON object, not a {type(values).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
