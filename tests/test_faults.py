@@ -66,21 +66,33 @@ def test_a_re_prepare_that_runs_out_of_space_keeps_the_old_dataset(inputs, tmp_p
     assert len(train) == meta["train_size"] and len(test) == meta["test_size"]
 
 
-@pytest.mark.parametrize("script", ["scripts/merge_lora.py", "scripts/convert_lit_checkpoint.py"])
+def run_script_ok(script: str, *args) -> None:
+    result = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
+                            cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("script", ["scripts/merge_lora.py", "scripts/convert_lit_checkpoint.py",
+                                    "scripts/convert_hf_checkpoint.py"])
 def test_a_merge_or_conversion_that_runs_out_of_space_keeps_the_earlier_output(inputs, tmp_path, script, single_thread):
     checkpoint_path, data_dir = inputs
-    out_dir = tmp_path / "run"
-    finetune_main("lora")(**settings(checkpoint_path, data_dir, out_dir, max_steps=1, eval_interval=100))
-    args = (["--finetuned_path", out_dir / "lit-llama-lora-finetuned.pth"] if "merge" in script
-            else ["--checkpoint_path", checkpoint_path]) + ["--output_dir", tmp_path / "output"]
-    first = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
-                           cwd=REPO, timeout=300)
-    assert first.returncode == 0, first.stderr
+    if "merge" in script:
+        out_dir = tmp_path / "run"
+        finetune_main("lora")(**settings(checkpoint_path, data_dir, out_dir, max_steps=1, eval_interval=100))
+        args = ["--finetuned_path", out_dir / "lit-llama-lora-finetuned.pth"]
+    elif "lit" in script:
+        args = ["--checkpoint_path", checkpoint_path]
+    else:
+        run_script_ok("scripts/convert_lit_checkpoint.py", "--checkpoint_path", checkpoint_path, "--output_dir",
+                      tmp_path / "hf")
+        args = ["--checkpoint_dir", tmp_path / "hf"]
+    args += ["--output_dir", tmp_path / "output"]
+    run_script_ok(script, *args)
     before = contents(tmp_path / "output")
     result = run_with_file_size_limit(20_000, script, *args)
     assert_failed_in_one_line(result)
     assert contents(tmp_path / "output") == before and not temporaries(tmp_path / "output")
-    if "merge" in script:
+    if "lit" not in script:
         load(tmp_path / "output" / "lit-llama.pth")
 
 
