@@ -116,9 +116,9 @@ def load(
     config = load_config(path, state_dict)
     with torch.device("meta"):
         model = LLaMA(config)
+    load_weights(model, state_dict, path, dtype)
     tokenizer = Tokenizer(checkpoint_dir(path))
     check_vocabulary(tokenizer, config, path)
-    load_weights(model, state_dict, path, dtype)
     model = model.to(device).eval().requires_grad_(False)
     return model, tokenizer
 
