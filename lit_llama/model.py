@@ -5,6 +5,7 @@ Weight names follow Hugging Face's Llama layout (q_proj, k_proj, ...) so convers
 and queries/keys use the "rotate half" RoPE convention that Hugging Face checkpoints are stored in.
 """
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
@@ -52,11 +53,11 @@ class Config:
                  "intermediate_size"] + (["padded_vocab_size"] if self.padded_vocab_size is not None else [])
         for name in sizes:
             value = getattr(self, name)
-            if type(value) is not int or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"config {self.name!r}: {name} must be a whole number of at least 1, got {value!r}")
         for name in ("rope_base", "norm_eps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
                 raise ValueError(f"config {self.name!r}: {name} must be a positive finite number, got {value!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"config {self.name!r}: tie_embeddings must be true or false, got {self.tie_embeddings!r}")
@@ -64,7 +65,7 @@ class Config:
             keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")
             scaling = self.rope_scaling
             if (not isinstance(scaling, dict) or sorted(scaling) != sorted(keys)
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+                    or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < math.inf
                                for v in scaling.values())
                     or scaling["high_freq_factor"] <= scaling["low_freq_factor"]):
                 raise ValueError(
