@@ -8,10 +8,9 @@ Saves `lit-llama-adapter-finetuned.pth` (the adapter weights only) and `finetune
 with generate/adapter.py. Every option and its default: -h. See howto/finetune_adapter.md.
 """
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lit_llama.adapter import ADAPTER, AdapterArgs
-from lit_llama.cli import run_cli
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.training import FinetuneArgs, TrainArgs, adapter_recipe, finetune
 
 
@@ -23,7 +22,7 @@ class AdapterFinetune(FinetuneArgs):
         adapter: Prompt length and first adapted layer.
     """
 
-    out_dir: Path = Path("out/adapter/alpaca")
+    out_dir: OutputPath = OutputPath("out/adapter/alpaca")
     adapter: AdapterArgs = field(default_factory=AdapterArgs)
     train: TrainArgs = field(default_factory=adapter_recipe)
 

@@ -8,11 +8,10 @@ every linear layer and trained RMSNorm weights; the rest stays frozen (in bf16 b
 with generate/adapter_v2.py. Every option and its default: -h. See howto/finetune_adapter.md.
 """
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lit_llama.adapter import AdapterArgs
 from lit_llama.adapter_v2 import ADAPTER_V2
-from lit_llama.cli import run_cli
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.training import FinetuneArgs, TrainArgs, adapter_recipe, finetune
 
 
@@ -24,7 +23,7 @@ class AdapterV2Finetune(FinetuneArgs):
         adapter: Prompt length and first adapted layer of the v1 prompts.
     """
 
-    out_dir: Path = Path("out/adapter_v2/alpaca")
+    out_dir: OutputPath = OutputPath("out/adapter_v2/alpaca")
     adapter: AdapterArgs = field(default_factory=AdapterArgs)
     train: TrainArgs = field(default_factory=adapter_recipe)
 

@@ -8,9 +8,8 @@ Saves `lit-llama-full-finetuned.pth` (a whole state dict) and `finetune_config.j
 generate/full.py. Every option and its default: -h. See howto/finetune_full.md.
 """
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from lit_llama.cli import run_cli
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.method import FULL
 from lit_llama.training import EvalArgs, FinetuneArgs, TrainArgs, finetune
 
@@ -19,7 +18,7 @@ from lit_llama.training import EvalArgs, FinetuneArgs, TrainArgs, finetune
 class FullFinetune(FinetuneArgs):
     """Finetune all weights."""
 
-    out_dir: Path = Path("out/full/alpaca")
+    out_dir: OutputPath = OutputPath("out/full/alpaca")
     train: TrainArgs = field(
         default_factory=lambda: TrainArgs(learning_rate=3e-5, epochs=4, save_interval=1000, log_interval=100)
     )

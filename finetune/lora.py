@@ -7,9 +7,8 @@ train. Saves `lit-llama-lora-finetuned.pth` (the LoRA weights only) and `finetun
 with generate/lora.py. Every option and its default: -h. See howto/finetune_lora.md.
 """
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from lit_llama.cli import run_cli
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.lora import LORA, LoRAArgs
 from lit_llama.training import FinetuneArgs, TrainArgs, finetune
 
@@ -22,7 +21,7 @@ class LoRAFinetune(FinetuneArgs):
         lora: Rank, alpha, dropout and target layers of the LoRA update.
     """
 
-    out_dir: Path = Path("out/lora/alpaca")
+    out_dir: OutputPath = OutputPath("out/lora/alpaca")
     lora: LoRAArgs = field(default_factory=LoRAArgs)
     train: TrainArgs = field(default_factory=lambda: TrainArgs(learning_rate=3e-4, batch_size=128, warmup_steps=100))
 

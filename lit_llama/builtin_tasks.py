@@ -94,8 +94,14 @@ TASKS = {
 }
 
 
+# far more than a finetune of these tasks needs, and still seconds to generate (beyond it: minutes and gigabytes)
+MAX_RECORDS = 1_000_000
+
+
 def generate(num_records: int, seed: int) -> list[dict]:
     """`num_records` distinct records (by instruction and input), tasks taking turns so each is equally common."""
+    if not 1 <= num_records <= MAX_RECORDS:
+        raise UserError(f"--num_records must be between 1 and {MAX_RECORDS:,}, got {num_records:,}")
     rng = random.Random(seed)
     names = list(TASKS)
     records, seen = [], set()

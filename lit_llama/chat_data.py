@@ -7,7 +7,6 @@ Each conversation is rendered through the prompt style's chat template and token
 `apply_chat_template` would; the loss covers every assistant turn, from where the template's generation prompt ends
 through the token that closes the turn (the model must learn to stop), and nothing else.
 """
-import json
 from pathlib import Path
 from typing import Union
 
@@ -15,6 +14,7 @@ from tqdm import tqdm
 
 from lit_llama.data import IGNORE_INDEX, flat_tensor, parse_json, parse_jsonl, split_records, write_prepared
 from lit_llama.errors import UserError
+from lit_llama.files import read_json
 from lit_llama.prompts import ROLES, PromptStyle, join_instruction
 from lit_llama.tokenizer import Tokenizer
 
@@ -48,10 +48,7 @@ def load_conversation(path: Union[str, Path]) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"conversation file not found: {path}")
-    try:
-        row = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path} is not a JSON conversation: {error}") from None
+    row = read_json(path)
     return to_conversation({"messages": row} if isinstance(row, list) else row, 1, path, needs_reply=False)
 
 

@@ -11,7 +11,8 @@ import torch
 
 from lit_llama.errors import UserError
 from lit_llama.files import load_torch, save_json
-from lit_llama.model import LLaMA, Config, configs
+from lit_llama.configs import configs
+from lit_llama.model import LLaMA, Config
 
 CHECKPOINT_NAME = "lit-llama.pth"
 CONFIG_NAME = "model_config.json"
@@ -38,7 +39,7 @@ def load_config(checkpoint_path: Union[str, Path], state_dict: Optional[dict] = 
     if config_file.is_file():
         try:
             return Config.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, TypeError, ValueError) as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, TypeError, ValueError) as error:
             raise UserError(f"{config_file} is not a valid model config: {error}") from None
     if state_dict is None:
         state_dict = load_torch(weights_path(checkpoint_path))
@@ -49,6 +50,7 @@ def load_config(checkpoint_path: Union[str, Path], state_dict: Optional[dict] = 
 
 def infer_config(state_dict: dict) -> Config:
     """Shapes give every size but the head count; a known config with those sizes decides it, else 128-wide heads."""
+    check_state_dict(state_dict, "the checkpoint")
     try:
         vocab, n_embd = state_dict["transformer.wte.weight"].shape
         n_layer = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("transformer.h."))
@@ -70,7 +72,14 @@ def infer_config(state_dict: dict) -> Config:
     )
 
 
+def check_state_dict(state_dict, source: Union[str, Path]) -> None:
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        kind = type(state_dict).__name__ if not isinstance(state_dict, dict) else "dict holding non-tensors"
+        raise UserError(f"{source} is not a state dict (a {kind}, expected a dict of named tensors)")
+
+
 def check_shapes(model: torch.nn.Module, state_dict: dict, source: Union[str, Path]) -> None:
+    check_state_dict(state_dict, source)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -84,6 +93,8 @@ def check_shapes(model: torch.nn.Module, state_dict: dict, source: Union[str, Pa
                 f"{source}: tensor {key} has shape {tuple(state_dict[key].shape)}, "
                 f"the config expects {tuple(tensor.shape)}"
             )
+        if state_dict[key].is_floating_point() != tensor.is_floating_point():
+            raise UserError(f"{source}: tensor {key} holds {state_dict[key].dtype} values, not weights")
 
 
 def load_weights(model: LLaMA, state_dict: dict, source: Union[str, Path], dtype: Optional[torch.dtype] = None) -> None:
@@ -107,5 +118,16 @@ def load(
     with torch.device("meta"):
         model = LLaMA(config)
     load_weights(model, state_dict, path, dtype)
+    tokenizer = Tokenizer(checkpoint_dir(path))
+    check_vocabulary(tokenizer, config, path)
     model = model.to(device).eval().requires_grad_(False)
-    return model, Tokenizer(checkpoint_dir(path))
+    return model, tokenizer
+
+
+def check_vocabulary(tokenizer, config: Config, source: Union[str, Path]) -> None:
+    """Token ids past the model's embedding rows would fail (or read garbage on a GPU) at the first forward."""
+    if tokenizer.vocab_size > config.padded_vocab_size:
+        raise UserError(
+            f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the model of {source} has only "
+            f"{config.padded_vocab_size} embedding rows: this tokenizer belongs to another model"
+        )

@@ -7,11 +7,27 @@ fields, as `--train.learning_rate`) become the flags: the way scripts share sett
 import dataclasses
 import inspect
 import sys
+from pathlib import Path
 from typing import Callable
 
 from jsonargparse import CLI
+from jsonargparse.typing import register_type
 
 from lit_llama.errors import UserError
+
+
+class OutputPath(type(Path())):
+    """A path a script writes to. An empty one is refused: it would become "." and write into the working
+    directory."""
+
+
+def parse_output_path(value) -> OutputPath:
+    if str(value).strip() == "":
+        raise ValueError("an empty path would write into the working directory: name a directory or file")
+    return OutputPath(value)
+
+
+register_type(OutputPath, serializer=str, deserializer=parse_output_path)
 
 
 def run_cli(main: Callable) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lit_llama.files import atomic_path, load_torch, save_all
+from lit_llama.files import atomic_path, load_torch, read_json_object, save_all
 from lit_llama.errors import UserError
 from lit_llama.prompts import PromptStyle
 from lit_llama.tokenizer import Tokenizer
@@ -89,6 +89,10 @@ def load_records(
     return [to_record(row, number, path, fields) for number, row in enumerate(rows, 1)]
 
 
+# a field this long is not one training sample: tokenizing it would take minutes only to truncate it to a context
+MAX_FIELD_CHARS = 1_000_000
+
+
 def parse_json(text: str, path: Path) -> list:
     try:
         data = json.loads(text)
@@ -96,6 +100,8 @@ def parse_json(text: str, path: Path) -> list:
         if error.msg == "Extra data":  # one object per line, saved with a .json name
             return parse_jsonl(text, path)
         raise UserError(f"{path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise UserError(f"{path} is nested too deeply to be read as JSON") from None
     if not isinstance(data, list):
         raise UserError(f"{path} holds a JSON {type(data).__name__}, expected a list of records")
     return data
@@ -109,6 +115,8 @@ def parse_jsonl(text: str, path: Path) -> list:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise UserError(f"{path}, line {line_number} is not valid JSON: {error.msg}") from None
+            except RecursionError:
+                raise UserError(f"{path}, line {line_number} is nested too deeply to be read as JSON") from None
     return rows
 
 
@@ -136,6 +144,11 @@ def to_record(row, number: int, path: Path, fields: dict) -> dict:
         if not isinstance(value, str):
             kind = "null" if value is None else type(value).__name__
             raise UserError(f"{where}: field {field!r} must be a string, not {kind}")
+        if len(value) > MAX_FIELD_CHARS:
+            raise UserError(
+                f"{where}: field {field!r} holds {len(value):,} characters, above the limit of {MAX_FIELD_CHARS:,} "
+                "(far beyond any context; split the record or shorten it)"
+            )
         record[key] = value
     return record
 
@@ -254,14 +267,22 @@ def load_prepared(data_dir: Union[str, Path]) -> tuple[list[dict], list[dict], d
     meta_path = data_dir / "meta.json"
     if not meta_path.is_file():
         raise UserError(f"{data_dir} holds no prepared dataset (no meta.json): run a scripts/prepare_*.py script first")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{meta_path} is not valid JSON: {error}") from None
+    meta = read_json_object(meta_path)
     for name in ("train.pt", "test.pt"):
         if not (data_dir / name).is_file():
             raise UserError(f"{data_dir} has meta.json but no {name}: prepare the dataset again")
-    return load_torch(data_dir / "train.pt"), load_torch(data_dir / "test.pt"), meta
+    train, test = (load_samples(data_dir / name) for name in ("train.pt", "test.pt"))
+    return train, test, meta
+
+
+def load_samples(path: Path) -> list[dict]:
+    samples = load_torch(path)
+    if not isinstance(samples, list) or not all(
+        isinstance(s, dict) and all(isinstance(s.get(k), torch.Tensor) for k in ("input_ids", "labels"))
+        for s in samples
+    ):
+        raise UserError(f"{path} is not a list of prepared samples (input_ids and labels): prepare the dataset again")
+    return samples
 
 
 def check_prepared_tokenizer(meta: dict, tokenizer: Tokenizer, data_dir: Union[str, Path]) -> None:

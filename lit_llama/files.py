@@ -43,6 +43,9 @@ def atomic_paths(paths: Sequence[Union[str, Path]]) -> Iterator[list[Path]]:
             os.replace(tmp, path)
         for directory in {path.parent for path in paths}:
             sync(directory)
+    except OSError as error:  # a full disk, a quota, a file-size limit: the old files are still in place
+        names = ", ".join(path.name for path in paths)
+        raise UserError(f"cannot write {names} in {paths[0].parent}: {error.strerror or error}") from None
     finally:
         for tmp in temporaries:
             tmp.unlink(missing_ok=True)
@@ -82,13 +85,25 @@ def save_json(obj, path: Union[str, Path]) -> None:
 
 
 def save_all(files: Sequence[tuple[Union[str, Path], object]]) -> None:
-    """Write several files as one (`atomic_paths`): `*.json` as JSON, anything else with torch.save."""
+    """Write several files as one (`atomic_paths`): `*.json` as JSON, `*.safetensors` (a dict of tensors) as
+    safetensors, anything else with torch.save."""
     with atomic_paths([path for path, _ in files]) as temporaries:
         for tmp, (path, obj) in zip(temporaries, files):
             if str(path).endswith(".json"):
                 tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+            elif str(path).endswith(".safetensors"):
+                from safetensors import SafetensorError
+                from safetensors.torch import save_file
+
+                try:
+                    save_file(obj, str(tmp), metadata={"format": "pt"})
+                except SafetensorError as error:  # its I/O errors (a full disk) come as this
+                    raise UserError(f"cannot write {path}: {error}") from None
             else:
-                torch.save(obj, tmp)
+                try:
+                    torch.save(obj, tmp)
+                except RuntimeError as error:  # torch's zip writer reports a failed write (a full disk) this way
+                    raise UserError(f"cannot write {path} (is the disk full?): {str(error).splitlines()[0]}") from None
 
 
 def load_torch(path: Union[str, Path], mmap: bool = True):
@@ -97,10 +112,31 @@ def load_torch(path: Union[str, Path], mmap: bool = True):
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
+        if mmap and not zipfile.is_zipfile(path):  # the legacy (pre-1.6) format cannot be memory-mapped
+            mmap = False
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as error:
         culprit = re.search(r"GLOBAL (\S+)", str(error))
         what = f" such as {culprit.group(1)}" if culprit else ""
         raise UserError(f"refusing to load {path}: it holds Python objects{what}, not just tensors") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError,
+            TypeError) as error:  # what torch's two readers raise for bytes that are not a checkpoint
         raise UserError(f"{path} is truncated or corrupt and cannot be read ({type(error).__name__})") from None
+
+
+def read_json(path: Union[str, Path]):
+    """A JSON file the user gave us, with a one-line error when it is not valid JSON, not UTF-8, or nested too deeply
+    for the parser."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise UserError(f"{path} is nested too deeply to be read as JSON") from None
+
+
+def read_json_object(path: Union[str, Path]) -> dict:
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, expected an object")
+    return value

@@ -6,6 +6,7 @@ checkpoint, the prompt style and the tokenizer's identity. `load_finetuned` rebu
 
     model, tokenizer, record = load_finetuned("out/lora/alpaca/lit-llama-lora-finetuned.pth")
 """
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch.nn as nn
 
 from lit_llama.adapter import ADAPTER
 from lit_llama.adapter_v2 import ADAPTER_V2
-from lit_llama.checkpoint import checkpoint_dir, load_config, load_weights, weights_path
+from lit_llama.checkpoint import check_state_dict, checkpoint_dir, load_config, load_weights, weights_path
 from lit_llama.errors import UserError
 from lit_llama.files import load_torch
 from lit_llama.lora import LORA
@@ -55,6 +56,31 @@ def finetune_config(
     }
 
 
+def base_fingerprint(state_dict: dict) -> str:
+    """sha256 of a cheap, fixed sample of a base model's weights (a few embedding rows, the final norm and a few rows
+    of the last block's down projection), rounded to bf16 so a bf16 copy of the same base matches: it tells apart two
+    bases of the same shapes, which the shapes alone cannot."""
+    if not isinstance(state_dict, dict):
+        return ""
+    last = 1 + max((int(k.split(".")[2]) for k in state_dict if k.startswith("transformer.h.")), default=-1)
+    digest = hashlib.sha256()
+    for key, rows in (("transformer.wte.weight", 4), ("transformer.ln_f.weight", None),
+                      (f"transformer.h.{last - 1}.mlp.down_proj.weight", 4)):
+        tensor = state_dict.get(key)
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            sample = tensor[:rows] if rows else tensor
+            digest.update(key.encode() + sample.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_fingerprint(record: dict, base_state: dict, finetuned_path: Path, base_path: Path) -> None:
+    recorded = record.get("base_fingerprint")
+    if recorded and recorded != base_fingerprint(base_state):
+        print(f"warning: {base_path} is not the base {finetuned_path} was finetuned from (same shapes, other "
+              f"weights: fingerprint {base_fingerprint(base_state)} vs {recorded}); its output will be wrong",
+              file=sys.stderr)
+
+
 def apply_method(model: LLaMA, record: dict) -> LLaMA:
     """Modify `model` in place as `record` (a finetune_config) says: add LoRA layers or adapters; full: nothing."""
     method = METHODS[record["method"]]
@@ -76,7 +102,8 @@ def read_finetune_config(finetuned_path: Union[str, Path]) -> dict:
             raise ValueError(f"unknown method {record['method']!r}")
         Config.from_dict(record["model_config"])
         METHODS[record["method"]].options_from_record(record)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, UserError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, ValueError,
+            UserError) as error:
         raise UserError(f"{path} is not a valid finetune config: {type(error).__name__}: {error}") from None
     return record
 
@@ -153,13 +180,17 @@ def load_finetuned(
     check_trained_tokenizer(record.get("tokenizer"), tokenizer, finetuned_path)
 
     finetuned = load_torch(finetuned_path)
+    check_state_dict(finetuned, finetuned_path)
     with torch.device("meta"):
         model = apply_method(LLaMA(config), record)
     if METHODS[record["method"]].trains_base_weights:  # a whole state dict: the base only lends its tokenizer
         load_weights(model, finetuned, finetuned_path, dtype)
     else:
         check_fits(model, finetuned, finetuned_path, base_path)
-        load_weights(model, {**load_torch(base_path), **finetuned}, base_path, dtype)
+        base_state = load_torch(base_path)
+        check_state_dict(base_state, base_path)
+        check_fingerprint(record, base_state, finetuned_path, base_path)
+        load_weights(model, {**base_state, **finetuned}, base_path, dtype)
     model = model.to(device).requires_grad_(False)
     if record.get("quantize"):  # the function that was trained: the quantized base, the update added to it
         quantize_frozen(model, record["quantize"])

@@ -71,7 +71,10 @@ def generate_batch(
     until every row has produced a stop token or `max_new_tokens` are made. A row's tokens after its own stop
     token are filler to be ignored. On a CPU a decode step costs about the same for 16 rows as for one.
     """
+    SamplingArgs(max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, temperature=temperature)  # checks them
     batch_size, prompt_length = prompts.shape
+    if prompt_length < 1:
+        raise UserError("the prompt is empty: give at least one token (this tokenizer adds no BOS)")
     total = prompt_length + max_new_tokens
     if total > model.config.block_size:
         raise ValueError(

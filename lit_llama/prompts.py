@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from lit_llama.errors import UserError
+from lit_llama.files import read_json_object
 
 CHAT_TEMPLATE = "chat_template"  # the style name meaning "the checkpoint's own chat template"
 ROLES = ("system", "user", "assistant")
@@ -118,10 +119,7 @@ def checkpoint_chat_style(checkpoint_dir: Union[str, Path]) -> Optional[PromptSt
     config_path = directory / "tokenizer_config.json"
     config = {}
     if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise UserError(f"{config_path} is not valid JSON: {error}") from None
+        config = read_json_object(config_path)
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),

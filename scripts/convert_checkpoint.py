@@ -5,18 +5,18 @@ layers (wq, wk, wv, w1, w3, output) were split along their output rows, row-para
 embedding along their columns; norms are copied whole into every shard. Meta also stores q/k with RoPE pairs
 interleaved, which we reorder into the rotate-half layout our model (and Hugging Face) uses.
 """
-import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm import tqdm
 
-from lit_llama.files import load_torch
-from lit_llama.cli import run_cli
+from lit_llama.files import load_torch, read_json_object
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.convert import copy_tokenizer_files, interleaved_to_rotate_half, parse_dtype, write_checkpoint
 from lit_llama.errors import UserError
-from lit_llama.model import Config, configs, llama3_rope
+from lit_llama.configs import configs, llama3_rope
+from lit_llama.model import Config
 
 # Meta name -> (our name, dimension the shards were split along; None: identical in every shard)
 META_NAMES = {
@@ -54,7 +54,9 @@ def find_tokenizer_dir(checkpoint_dir: Path) -> Optional[Path]:
     return None
 
 
-def main(checkpoint_dir: Path, output_dir: Path, model_size: str = "7B", dtype: Optional[str] = None) -> None:
+def main(
+    checkpoint_dir: Path, output_dir: OutputPath, model_size: str = "7B", dtype: Optional[str] = None
+) -> None:
     """Convert a Meta LLaMA checkpoint directory into a lit-llama checkpoint directory.
 
     Args:
@@ -69,10 +71,7 @@ def main(checkpoint_dir: Path, output_dir: Path, model_size: str = "7B", dtype: 
     params_file = checkpoint_dir / "params.json"
     if not shard_paths or not params_file.is_file():
         raise UserError(f"{checkpoint_dir} needs consolidated.*.pth and params.json (Meta's checkpoint layout)")
-    try:
-        params = json.loads(params_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise UserError(f"{params_file} is not valid JSON: {error}") from None
+    params = read_json_object(params_file)
     target_dtype = parse_dtype(dtype)
 
     shards = [load_torch(path) for path in shard_paths]  # memory-mapped: nothing is read until joined below
@@ -96,20 +95,23 @@ def main(checkpoint_dir: Path, output_dir: Path, model_size: str = "7B", dtype: 
         n_layer = params["n_layers"]
     except KeyError as error:
         raise UserError(f"{checkpoint_dir} lacks {error} (in params.json or the weights)") from None
-    config = Config.from_name(
-        model_size,
-        vocab_size=vocab_size,
-        padded_vocab_size=None,
-        n_layer=n_layer,
-        n_head=n_head,
-        n_query_groups=n_kv_heads,
-        n_embd=n_embd,
-        intermediate_size=intermediate_size,
-        norm_eps=params.get("norm_eps", 1e-6),
-        rope_base=float(params.get("rope_theta", 10000.0)),
-        rope_scaling=llama3_rope if params.get("use_scaled_rope") else None,
-        tie_embeddings=False,
-    )
+    try:
+        config = Config.from_name(
+            model_size,
+            vocab_size=vocab_size,
+            padded_vocab_size=None,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_query_groups=n_kv_heads,
+            n_embd=n_embd,
+            intermediate_size=intermediate_size,
+            norm_eps=params.get("norm_eps", 1e-6),
+            rope_base=float(params.get("rope_theta", 10000.0)),
+            rope_scaling=llama3_rope if params.get("use_scaled_rope") else None,
+            tie_embeddings=False,
+        )
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{params_file} does not describe a valid model: {error}") from None
     for layer in range(config.n_layer):
         q, k = f"transformer.h.{layer}.attn.q_proj.weight", f"transformer.h.{layer}.attn.k_proj.weight"
         state_dict[q] = interleaved_to_rotate_half(state_dict[q], n_head)

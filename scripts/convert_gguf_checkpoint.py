@@ -14,10 +14,11 @@ import torch
 from tqdm import tqdm
 
 from lit_llama.files import save_json
-from lit_llama.cli import run_cli
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.convert import interleaved_to_rotate_half, parse_dtype, write_checkpoint
 from lit_llama.errors import UserError
-from lit_llama.model import Config, llama3_rope, llama3_scaled_frequencies
+from lit_llama.configs import llama3_rope
+from lit_llama.model import Config, llama3_scaled_frequencies
 
 # GGUF tensor name (within a block, or top level) -> ours
 GGUF_NAMES = {
@@ -191,7 +192,7 @@ def write_tokenizer(tokenizer, meta: dict, output_dir: Path, block_size: int) ->
 
 def main(
     gguf_path: Optional[Path] = None,
-    output_dir: Path = Path("checkpoints/smollm2-135m-instruct"),
+    output_dir: OutputPath = OutputPath("checkpoints/smollm2-135m-instruct"),
     dtype: Optional[str] = None,
 ) -> None:
     """Convert a llama-architecture GGUF file into a lit-llama checkpoint directory.
@@ -208,7 +209,7 @@ def main(
         raise UserError(f"GGUF file not found: {gguf_path}")
     try:
         reader = gguf.GGUFReader(gguf_path)  # memory-mapped: tensors are read as they are dequantized
-    except (ValueError, OSError, KeyError) as error:
+    except (ValueError, OSError, KeyError, IndexError, EOFError) as error:  # a truncated header fails in any of these
         raise UserError(f"{gguf_path} is not a readable GGUF file: {error}") from None
     meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
     arch = meta.get("general.architecture")

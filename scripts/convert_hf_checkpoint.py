@@ -10,8 +10,8 @@ from typing import Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from lit_llama.files import load_torch
-from lit_llama.cli import run_cli
+from lit_llama.files import load_torch, read_json_object
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.convert import config_from_hf, copy_tokenizer_files, hf_to_lit_name, parse_dtype, write_checkpoint
 from lit_llama.errors import UserError
 
@@ -56,7 +56,7 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield from load_torch(path).items()
 
 
-def main(checkpoint_dir: Path, output_dir: Path, dtype: Optional[str] = None) -> None:
+def main(checkpoint_dir: Path, output_dir: OutputPath, dtype: Optional[str] = None) -> None:
     """Convert a Hugging Face Llama-family checkpoint directory into a lit-llama checkpoint directory.
 
     Args:
@@ -67,11 +67,13 @@ def main(checkpoint_dir: Path, output_dir: Path, dtype: Optional[str] = None) ->
     config_file = checkpoint_dir / "config.json"
     if not config_file.is_file():
         raise UserError(f"no config.json in {checkpoint_dir}: expected a Hugging Face model directory")
+    hf_config = read_json_object(config_file)
     try:
-        hf_config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise UserError(f"{config_file} is not valid JSON: {error}") from None
-    config = config_from_hf(hf_config, name=checkpoint_dir.resolve().name)
+        config = config_from_hf(hf_config, name=checkpoint_dir.resolve().name)
+    except KeyError as error:
+        raise UserError(f"{config_file} lacks {error}, which a Llama config needs") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as error:
+        raise UserError(f"{config_file} is not a valid Llama config: {error}") from None
     target_dtype = parse_dtype(dtype)
 
     state_dict = {}

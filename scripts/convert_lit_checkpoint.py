@@ -1,28 +1,25 @@
 """Convert a lit-llama checkpoint back to Hugging Face format: `config.json` + `model.safetensors` + tokenizer files,
 loadable with `transformers.AutoModelForCausalLM.from_pretrained(output_dir)` (a Llama, Mistral, Qwen2 or Qwen3 class,
 whichever computes what the model does: lit_llama.convert.hf_model_type)."""
-import json
 from pathlib import Path
 
 import torch
 
 from lit_llama.checkpoint import check_shapes, checkpoint_dir, load_config, weights_path
-from lit_llama.files import atomic_path, load_torch, save_json
-from lit_llama.cli import run_cli
+from lit_llama.files import load_torch, read_json_object, save_all
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.convert import config_to_hf, copy_tokenizer_files, lit_to_hf_name
 from lit_llama.errors import UserError
 from lit_llama.model import LLaMA
 
 
-def main(checkpoint_path: Path, output_dir: Path) -> None:
+def main(checkpoint_path: Path, output_dir: OutputPath) -> None:
     """Write a Hugging Face model directory from a lit-llama checkpoint.
 
     Args:
         checkpoint_path: The lit-llama.pth to convert (model_config.json and the tokenizer files are read beside it).
         output_dir: Where config.json, model.safetensors and the tokenizer files are written.
     """
-    from safetensors.torch import save_file
-
     path = weights_path(checkpoint_path)
     state_dict = load_torch(path)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -43,15 +40,13 @@ def main(checkpoint_path: Path, output_dir: Path) -> None:
     source_dir = checkpoint_dir(checkpoint_path)
     generation_file = source_dir / "generation_config.json"
     if generation_file.is_file():  # the token ids the model was trained with, not LlamaConfig's defaults
-        generation = json.loads(generation_file.read_text(encoding="utf-8"))
+        generation = read_json_object(generation_file)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if key in generation:
                 hf_config[key] = generation[key]
 
     output_dir = Path(output_dir)
-    with atomic_path(output_dir / "model.safetensors") as tmp:
-        save_file(hf_state_dict, str(tmp), metadata={"format": "pt"})
-    save_json(hf_config, output_dir / "config.json")
+    save_all([(output_dir / "model.safetensors", hf_state_dict), (output_dir / "config.json", hf_config)])
     copied = copy_tokenizer_files(source_dir, output_dir)
     print(f"wrote {output_dir / 'model.safetensors'}, config.json and {', '.join(copied) or 'no tokenizer files'}")
 

@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from lit_llama.checkpoint import load_config, weights_path
-from lit_llama.files import atomic_path, load_torch, save_json
-from lit_llama.cli import run_cli
+from lit_llama.checkpoint import check_state_dict, load_config, weights_path
+from lit_llama.files import load_torch, save_all
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.convert import lit_to_hf_name
 from lit_llama.errors import UserError
 from lit_llama.finetuned import apply_method, check_fits, check_same_base, read_finetune_config
@@ -27,7 +27,7 @@ from lit_llama.model import LLaMA, Config
 def main(
     finetuned_path: Path = Path("out/lora/alpaca/lit-llama-lora-finetuned.pth"),
     checkpoint_path: Optional[Path] = None,
-    output_dir: Path = Path("out/lora/alpaca/peft"),
+    output_dir: OutputPath = OutputPath("out/lora/alpaca/peft"),
     base_model_name_or_path: Optional[str] = None,
 ) -> None:
     """Write adapter_config.json and adapter_model.safetensors in Hugging Face PEFT's LoRA format.
@@ -40,8 +40,6 @@ def main(
         base_model_name_or_path: What adapter_config.json names as the base: the Hugging Face export of the base
             (a directory or a Hub id). Default: the base checkpoint's directory.
     """
-    from safetensors.torch import save_file
-
     record = read_finetune_config(finetuned_path)
     if record["method"] != "lora":
         raise UserError(f"{finetuned_path} holds {record['method']} weights; only LoRA exports to PEFT")
@@ -52,6 +50,7 @@ def main(
     config = Config.from_dict(record["model_config"])
     check_same_base(config, load_config(base_path), finetuned_path, base_path)
     lora_weights = load_torch(finetuned_path)
+    check_state_dict(lora_weights, finetuned_path)
     with torch.device("meta"):
         check_fits(apply_method(LLaMA(config), record), lora_weights, finetuned_path, base_path)
 
@@ -77,9 +76,8 @@ def main(
         "inference_mode": True,
     }
     output_dir = Path(output_dir)
-    with atomic_path(output_dir / "adapter_model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    save_json(adapter_config, output_dir / "adapter_config.json")
+    save_all([(output_dir / "adapter_model.safetensors", tensors),
+              (output_dir / "adapter_config.json", adapter_config)])
     print(f"wrote {output_dir / 'adapter_config.json'} and adapter_model.safetensors ({len(tensors)} tensors)")
 
 

@@ -3,9 +3,8 @@
 Works for a base checkpoint (`--checkpoint_path` alone) and for LoRA, adapter and full finetunes
 (`--finetuned_path`, whose finetune_config.json names the method and its settings).
 """
-import json
+import os
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -15,9 +14,9 @@ import torch
 from tqdm import tqdm
 
 from lit_llama.checkpoint import load
-from lit_llama.files import save_json
+from lit_llama.files import read_json_object, save_json
 from lit_llama.data import load_records, parse_json, parse_jsonl
-from lit_llama.cli import run_cli
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.finetuned import load_finetuned
 from lit_llama.generation import generate_batch
 from lit_llama.precision import resolve_precision, weights_dtype
@@ -39,7 +38,7 @@ def main(
     max_new_tokens: int = 48,
     batch_size: int = 16,
     precision: Optional[str] = None,
-    output_json: Path = Path("out/evaluation.json"),
+    output_json: OutputPath = OutputPath("out/evaluation.json"),
 ) -> None:
     """Generate greedily for each held-out record and report exact match per task and overall.
 
@@ -61,8 +60,9 @@ def main(
         precision: Fabric precision name; default bf16 where supported.
         output_json: where the per-record answers and the scores are written.
     """
-    if batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1, got {batch_size}")
+    for flag, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("max_records", max_records)):
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be at least 1, got {value}")
     check_writable(output_json)  # before the long work, not after it
     records = evaluation_records(data_file or data_dir / "test.json")[:max_records]
     dtype = weights_dtype(resolve_precision(precision))
@@ -158,19 +158,24 @@ def is_conversation_file(path: Path) -> bool:
 
 
 def check_writable(path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as error:
-        raise UserError(f"cannot write --output_json {path}: {error.strerror}") from None
+    """Before the long work, without creating anything: the nearest existing folder above `path` must be a
+    writable directory (the rest is created when the scores are written)."""
+    if path.is_dir():
+        raise UserError(f"--output_json {path} is a directory: name a file in it")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write --output_json {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write --output_json {path}: {existing} is not writable")
 
 
 def dataset_prompt_style(data_dir: Path, data_file: Optional[Path]) -> Optional[str]:
     """The prepared dataset's prompt style (None: the checkpoint's own template, else alpaca)."""
     meta_file = data_dir / "meta.json"
     if data_file is None and meta_file.is_file():
-        return json.loads(meta_file.read_text(encoding="utf-8")).get("prompt_style")
+        return read_json_object(meta_file).get("prompt_style")
     return None
 
 

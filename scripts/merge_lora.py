@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_llama.checkpoint import checkpoint_dir
-from lit_llama.cli import run_cli
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.convert import copy_tokenizer_files, write_checkpoint
 from lit_llama.errors import UserError
 from lit_llama.finetuned import load_finetuned, read_finetune_config
@@ -19,7 +19,7 @@ from lit_llama.finetuned import load_finetuned, read_finetune_config
 def main(
     finetuned_path: Path = Path("out/lora/alpaca/lit-llama-lora-finetuned.pth"),
     checkpoint_path: Optional[Path] = None,
-    output_dir: Path = Path("out/lora/alpaca/merged"),
+    output_dir: OutputPath = OutputPath("out/lora/alpaca/merged"),
 ) -> None:
     """Fold the LoRA update B A * alpha / r into the base weights and save the result as a checkpoint directory.
 

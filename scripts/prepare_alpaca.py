@@ -2,7 +2,7 @@
 from pathlib import Path
 from typing import Optional
 
-from lit_llama.cli import run_cli
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.data import download, load_records, load_tokenizer, prepare
 from lit_llama.prompts import resolve_prompt_style
 
@@ -10,7 +10,7 @@ DATA_URL = "https://raw.githubusercontent.com/tloen/alpaca-lora/main/alpaca_data
 
 
 def main(
-    destination_path: Path = Path("data/alpaca"),
+    destination_path: OutputPath = OutputPath("data/alpaca"),
     checkpoint_dir: Path = Path("checkpoints/smollm2-135m-instruct"),
     tokenizer_path: Optional[Path] = None,
     data_file: Optional[Path] = None,

@@ -4,13 +4,13 @@ from typing import Optional
 
 from lit_llama.builtin_tasks import generate
 from lit_llama.files import save_json
-from lit_llama.cli import run_cli
-from lit_llama.data import load_records, load_tokenizer, prepare
+from lit_llama.cli import OutputPath, run_cli
+from lit_llama.data import load_tokenizer, prepare
 from lit_llama.prompts import resolve_prompt_style
 
 
 def main(
-    destination_path: Path = Path("data/builtin"),
+    destination_path: OutputPath = OutputPath("data/builtin"),
     checkpoint_dir: Path = Path("checkpoints/smollm2-135m-instruct"),
     tokenizer_path: Optional[Path] = None,
     num_records: int = 6000,
@@ -28,7 +28,7 @@ def main(
         destination_path: Directory for builtin.json and the prepared files.
         checkpoint_dir: Checkpoint whose tokenizer to use.
         tokenizer_path: A tokenizer.model or tokenizer.json to use instead of the checkpoint's.
-        num_records: Number of distinct records to generate, spread evenly over the tasks.
+        num_records: Number of distinct records to generate, spread evenly over the tasks (at most 1,000,000).
         test_split_size: Number of records held out for evaluation.
         max_seq_length: Samples longer than this (in tokens) are truncated, keeping their EOS.
         seed: Seed of the generator and of the train/test split.
@@ -38,17 +38,13 @@ def main(
         skip_long: Drop samples longer than max_seq_length instead of truncating them.
     """
     tokenizer = load_tokenizer(checkpoint_dir, tokenizer_path)
-    data_file = destination_path / "builtin.json"
-    save_json(generate(num_records, seed), data_file)
-    records = load_records(data_file)  # read back like any user file: the same path through the pipeline
-    # distinct (instruction, input) pairs, so no held-out question is also a training one
-    assert len({(r["instruction"], r["input"]) for r in records}) == len(records)
+    style = resolve_prompt_style(prompt_style, tokenizer.path.parent)
+    records = generate(num_records, seed)
     prepare(
         records, destination_path, tokenizer, source=f"builtin tasks (seed {seed})", test_split_size=test_split_size,
-        max_seq_length=max_seq_length, seed=seed, mask_inputs=mask_inputs,
-        prompt_style=resolve_prompt_style(prompt_style, tokenizer.path.parent),
-        skip_long=skip_long,
+        max_seq_length=max_seq_length, seed=seed, mask_inputs=mask_inputs, prompt_style=style, skip_long=skip_long,
     )
+    save_json(records, destination_path / "builtin.json")  # once the dataset is there: a failure leaves nothing
 
 
 if __name__ == "__main__":

@@ -4,14 +4,14 @@ from pathlib import Path
 from typing import Optional
 
 from lit_llama.chat_data import load_conversations, prepare_conversations
-from lit_llama.cli import run_cli
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.data import load_tokenizer
 from lit_llama.prompts import resolve_prompt_style
 
 
 def main(
     data_file: Path,
-    destination_path: Path = Path("data/chat"),
+    destination_path: OutputPath = OutputPath("data/chat"),
     checkpoint_dir: Path = Path("checkpoints/smollm2-135m-instruct"),
     tokenizer_path: Optional[Path] = None,
     prompt_style: Optional[str] = None,

@@ -2,14 +2,14 @@
 from pathlib import Path
 from typing import Optional
 
-from lit_llama.cli import run_cli
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.data import load_records, load_tokenizer, prepare
 from lit_llama.prompts import resolve_prompt_style
 
 
 def main(
     data_file: Path,
-    destination_path: Path = Path("data/custom"),
+    destination_path: OutputPath = OutputPath("data/custom"),
     checkpoint_dir: Path = Path("checkpoints/smollm2-135m-instruct"),
     tokenizer_path: Optional[Path] = None,
     instruction_field: str = "instruction",

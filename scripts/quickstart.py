@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from lit_llama.builtin_tasks import generate as builtin_records
+from lit_llama.builtin_tasks import MAX_RECORDS, generate as builtin_records
 from lit_llama.cli import run_cli
 from lit_llama.errors import UserError
 from lit_llama.files import load_torch
+from lit_llama.lora import LoRAArgs
+from lit_llama.training import TrainArgs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,6 +60,15 @@ def main(
         all_linear: LoRA on every linear layer (attention and MLP) instead of only query and value.
         max_new_tokens: The longest answer generated in evaluation and the demo generations.
     """
+    # every setting checked before the first step: a bad one would otherwise surface minutes in, at its step
+    TrainArgs(learning_rate=learning_rate, batch_size=batch_size, micro_batch_size=micro_batch_size, epochs=epochs,
+              max_steps=max_steps).check(world_size=1)
+    LoRAArgs(r=lora_r, alpha=lora_alpha)
+    if not 1 <= num_records <= MAX_RECORDS or not 1 <= test_split_size < num_records:
+        raise UserError(f"--num_records ({num_records}) must be in [1, {MAX_RECORDS:,}] and --test_split_size "
+                        f"({test_split_size}) at least 1 and below it")
+    if eval_records < 1 or max_new_tokens < 1:
+        raise UserError(f"--eval_records ({eval_records}) and --max_new_tokens ({max_new_tokens}) must be at least 1")
     weights = checkpoint_dir / "lit-llama.pth"
     lora_dir = out_dir / "lora"
     lora_weights = lora_dir / "lit-llama-lora-finetuned.pth"

@@ -182,7 +182,7 @@ def test_a_failed_write_leaves_nothing_and_a_failed_rewrite_keeps_the_old_datase
         torch.save(obj, path)
 
     monkeypatch.setattr(files.torch, "save", disk_full_at_the_second_file)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="No space left on device"):
         prepare_records(ALPACA, tmp_path / "new", Tokenizer(bpe_dir))
     assert list((tmp_path / "new").iterdir()) == []
 
@@ -191,7 +191,7 @@ def test_a_failed_write_leaves_nothing_and_a_failed_rewrite_keeps_the_old_datase
     before = {path.name: path.read_bytes() for path in (tmp_path / "old").iterdir()}
     saved.clear()
     monkeypatch.setattr(files.torch, "save", disk_full_at_the_second_file)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="No space left on device"):
         prepare_records(ALPACA[:20], tmp_path / "old", Tokenizer(bpe_dir))
     assert {path.name: path.read_bytes() for path in (tmp_path / "old").iterdir()} == before
 

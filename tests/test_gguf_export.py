@@ -14,7 +14,8 @@ from lit_llama.checkpoint import CHECKPOINT_NAME, save_config
 from lit_llama.files import load_torch, save_torch
 from lit_llama.finetuned import load_finetuned
 from lit_llama.lora import LORA, LoRAArgs, add_lora
-from lit_llama.model import LLaMA, Config, llama3_rope
+from lit_llama.configs import llama3_rope
+from lit_llama.model import LLaMA, Config
 from lit_llama.tokenizer import Tokenizer
 from tiny_finetunes import load_base, make_base, randomise_trainable, save_finetuned
 from tiny_tokenizers import make_byte_level_bpe, make_sentencepiece

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from lit_llama.cli import OutputPath
 from lit_llama.errors import UserError
 
 
@@ -108,7 +109,7 @@ class FinetuneArgs:
 
     data_dir: Path = Path("data/alpaca")
     checkpoint_path: Path = Path("checkpoints/lit-llama/7B/lit-llama.pth")
-    out_dir: Path = Path("out/finetune")
+    out_dir: OutputPath = OutputPath("out/finetune")
     train: TrainArgs = field(default_factory=TrainArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
     devices: int = 1

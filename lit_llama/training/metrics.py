@@ -1,5 +1,6 @@
 """A run's metrics (`logs/metrics.csv`, written by Fabric's CSVLogger) and its loss curve (`loss.png`)."""
 import csv
+import math
 from pathlib import Path
 
 from lightning.fabric import Fabric
@@ -21,8 +22,8 @@ def read_metrics(out_dir: Path) -> list[dict]:
             rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
     except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as error:
         raise UserError(f"{path} is not a metrics file this run can continue ({type(error).__name__}: {error})")
-    if any("step" not in row for row in rows):
-        raise UserError(f"{path} has rows without a step: not a metrics file this run can continue")
+    if any("step" not in row or not math.isfinite(row["step"]) for row in rows):
+        raise UserError(f"{path} has rows without a step number: not a metrics file this run can continue")
     return rows
 
 

@@ -13,6 +13,8 @@ def finetune(method: Method, options, settings: FinetuneArgs) -> None:
     """Check the settings, launch one process per device, load the data and the model with `method` applied
     (`options`: its settings dataclass, None for full finetuning), claim the out_dir and train."""
     train, out_dir = settings.train, settings.out_dir
+    if settings.devices < 1 or settings.num_nodes < 1:
+        raise UserError(f"--devices ({settings.devices}) and --num_nodes ({settings.num_nodes}) must be at least 1")
     train.check(settings.devices * settings.num_nodes)
     check_training_mode(settings.quantize, method.name)
     settings.eval.check()

@@ -10,6 +10,7 @@ from typing import IO, Optional
 from lit_llama.errors import UserError
 from lit_llama.files import TEMPORARY_SUFFIX
 from lit_llama.finetuned import FINETUNE_CONFIG_NAME
+from lit_llama.training.resume import find_resume
 
 LOCK_NAME = ".lock"
 # what may change when a run is resumed (how long it runs, how often it logs or saves) is not in the record
@@ -19,6 +20,7 @@ COMPARED = (
 def claim(out_dir: Path, resume: Optional[str], record: dict, final_name: str) -> IO:
     """Lock `out_dir` for this run and check that the run may use it; raises UserError naming the problem. Returns
     the open lock file: the lock holds until it is closed, or the process ends (a killed run leaves no stale lock)."""
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = open(out_dir / LOCK_NAME, "a+")
@@ -39,6 +41,10 @@ def claim(out_dir: Path, resume: Optional[str], record: dict, final_name: str) -
         check_out_dir(out_dir, resume, record, final_name)
     except BaseException:
         lock.close()
+        if created:  # a refused run leaves no trace
+            (out_dir / LOCK_NAME).unlink()
+            if not any(out_dir.iterdir()):
+                out_dir.rmdir()
         raise
     return lock
 
@@ -50,9 +56,11 @@ def check_out_dir(out_dir: Path, resume: Optional[str], record: dict, final_name
             f"--out_dir {out_dir} holds a run ({earlier}): pass --resume auto to continue it, or choose another "
             "--out_dir (nothing was changed)"
         )
+    if resume not in (None, "auto"):
+        find_resume(resume, out_dir)  # a path that names no checkpoint: refused now, not after the model loads
     config_path = out_dir / FINETUNE_CONFIG_NAME
     if resume is not None and config_path.is_file():
-        check_same_settings(json.loads(config_path.read_text(encoding="utf-8")), record, config_path)
+        check_same_settings(read_record(config_path), record, config_path)
     leftovers = list(out_dir.glob(f".*{TEMPORARY_SUFFIX}"))
     for path in leftovers:
         path.unlink()
@@ -69,6 +77,16 @@ def earlier_run(out_dir: Path, final_name: str) -> Optional[str]:
         if (out_dir / name).is_file():
             return name
     return None
+
+
+def read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise UserError(f"cannot resume: {path} is not valid JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"cannot resume: {path} holds a JSON {type(record).__name__}, not the run's settings")
+    return record
 
 
 def check_same_settings(before: dict, now: dict, source: Path) -> None:

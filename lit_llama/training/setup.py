@@ -10,11 +10,11 @@ from lightning.fabric.loggers import CSVLogger
 from lightning.fabric.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 
-from lit_llama.checkpoint import checkpoint_dir, load_config, load_weights, weights_path
+from lit_llama.checkpoint import check_vocabulary, checkpoint_dir, load_config, load_weights, weights_path
 from lit_llama.data import check_prepared_tokenizer, load_prepared
 from lit_llama.errors import UserError
 from lit_llama.files import load_torch
-from lit_llama.finetuned import finetune_config
+from lit_llama.finetuned import base_fingerprint, finetune_config
 from lit_llama.method import Method
 from lit_llama.model import LLaMA
 from lit_llama.precision import autocast_dtype, weights_dtype
@@ -91,8 +91,11 @@ def load_model(
     state_dict = load_torch(path)
     config = load_config(path, state_dict)
     check_context(data, config.block_size)
+    check_vocabulary(data.tokenizer, config, path)
+    check_token_ids(data, config.padded_vocab_size)
     record = finetune_config(method, options, config, data.meta["prompt_style"], data.tokenizer.identity, path)
     record["quantize"] = quantize
+    record["base_fingerprint"] = base_fingerprint(state_dict)
     dtype = weights_dtype(precision)
     torch.manual_seed(train.seed)  # the same initial LoRA/adapter weights on every rank
     with torch.device("meta"):
@@ -117,4 +120,16 @@ def check_context(data: PreparedData, block_size: int) -> None:
         raise UserError(
             f"the prepared data holds a sample of {longest} tokens but the model's context is {block_size}: "
             f"prepare it again with --max_seq_length {block_size} or less"
+        )
+
+
+def check_token_ids(data: PreparedData, vocab_size: int) -> None:
+    """A token id past the embedding would fail at its batch's forward (on a GPU: a device-side assert), perhaps
+    hours in: refuse now."""
+    largest = max((int(sample["input_ids"].max()) for sample in data.train + data.val if len(sample["input_ids"])),
+                  default=0)
+    if largest >= vocab_size:
+        raise UserError(
+            f"the prepared data holds token id {largest} but the model has {vocab_size} embedding rows: "
+            "prepare it again with this model's tokenizer"
         )
