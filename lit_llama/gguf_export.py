@@ -187,6 +187,13 @@ def byte_level_vocabulary(data: dict, vocab_size: int) -> dict:
     }
 
 
+def sentencepiece_processor(path: Path):
+    """The SentencePiece model itself (our Tokenizer runs it through the tokenizers library, which has no scores)."""
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_file=str(path))
+
+
 def sentencepiece_vocabulary(processor, vocab_size: int) -> dict:
     ids = range(processor.get_piece_size())
     tokens = {i: processor.id_to_piece(i) for i in ids}
@@ -228,7 +235,7 @@ def chat_template(directory: Path):
 def add_tokenizer_metadata(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
     directory = tokenizer.path.parent
     if tokenizer.backend == "sentencepiece":
-        vocabulary = sentencepiece_vocabulary(tokenizer.processor, vocab_size)
+        vocabulary = sentencepiece_vocabulary(sentencepiece_processor(tokenizer.path), vocab_size)
     else:
         data = json.loads(tokenizer.path.read_text(encoding="utf-8"))
         byte_level = "ByteLevel" in json.dumps(data.get("pre_tokenizer")) or "ByteLevel" in json.dumps(
@@ -239,7 +246,7 @@ def add_tokenizer_metadata(writer, tokenizer: Tokenizer, vocab_size: int) -> Non
         if byte_level:
             vocabulary = byte_level_vocabulary(data, vocab_size)
         elif (directory / "tokenizer.model").is_file():  # SentencePiece BPE as tokenizer.json: use the original
-            vocabulary = sentencepiece_vocabulary(Tokenizer(directory / "tokenizer.model").processor, vocab_size)
+            vocabulary = sentencepiece_vocabulary(sentencepiece_processor(directory / "tokenizer.model"), vocab_size)
         else:
             raise UserError(f"{tokenizer.path} is neither byte-level BPE nor accompanied by its tokenizer.model")
 

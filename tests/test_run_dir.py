@@ -44,7 +44,8 @@ def test_a_fresh_run_over_an_earlier_one_is_refused_and_changes_nothing(inputs, 
 def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_runs(inputs, tmp_path, single_thread):
     checkpoint_path, data_dir = inputs
     out_dir = tmp_path / "out"
-    options = settings(checkpoint_path, data_dir, out_dir, epochs=50, eval_interval=1000, save_interval=1000)
+    # a run far longer than the test: it is killed below
+    options = settings(checkpoint_path, data_dir, out_dir, epochs=100_000, eval_interval=10**9, save_interval=10**9)
     first = subprocess.Popen([sys.executable, str(REPO / "finetune/lora.py"), *as_args(options)], cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
