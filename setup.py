@@ -21,6 +21,11 @@ setup(
     ],
     extras_require={
         "gguf": ["gguf>=0.10"],
-        "test": ["pytest", "hypothesis", "transformers>=4.45", "peft", "gguf>=0.10", "psutil"],
+        # scripts/evaluate_harness.py: EleutherAI's lm-evaluation-harness (pulls in datasets, pandas, pyarrow, scipy,
+        # scikit-learn: about 600 MB installed, so not in "test"; requirements.txt installs it for CI)
+        "harness": ["lm-eval>=0.4.13,<0.5"],
+        "tensorboard": ["tensorboard>=2.14"],  # --logger tensorboard
+        "wandb": ["wandb>=0.17"],  # --logger wandb
+        "test": ["pytest", "hypothesis", "transformers>=4.45", "peft", "gguf>=0.10", "psutil", "tensorboard>=2.14"],
     },
 )
