@@ -101,6 +101,9 @@ class FinetuneArgs:
         precision: bf16-true (default where supported for LoRA and the adapters: bf16 base, fp32 trained weights),
             bf16-mixed (default for full finetuning: fp32 weights, bf16 compute), 32-true, ...
         resume: "auto" to continue from the newest checkpoint in out_dir, or a checkpoint path.
+        logger: Where the metrics and settings also go, beside logs/metrics.csv (always written: loss.png and
+            --resume read it): csv (nowhere else), tensorboard (out_dir/tensorboard/) or wandb (Weights & Biases;
+            WANDB_MODE=offline keeps the run in out_dir/wandb/ for a later `wandb sync`).
     """
 
     data_dir: Path = Path("data/alpaca")
@@ -112,6 +115,7 @@ class FinetuneArgs:
     num_nodes: int = 1
     precision: Optional[str] = None
     resume: Optional[str] = None
+    logger: str = "csv"
 
 
 def adapter_recipe() -> TrainArgs:
