@@ -89,6 +89,11 @@ class HarnessLM(TemplateLM):
         for _, context, continuation in requests:
             if not context or not continuation:
                 raise ValueError("a loglikelihood request needs context and continuation tokens")
+            if len(continuation) > self.max_length:
+                raise UserError(
+                    f"a task scores a continuation of {len(continuation)} tokens, longer than the model's context "
+                    f"of {self.max_length}"
+                )
             tokens = (context + continuation)[-(self.max_length + 1) :]
             rows.append((tokens[:-1], continuation))
         # longest first: equal-length neighbours waste little padding, and running out of memory happens at once
