@@ -24,7 +24,7 @@ TASKS = {
     "tiny_choice": """
 task: tiny_choice
 dataset_path: json
-dataset_kwargs: {{data_files: {{test: "{data}/choice.json"}}}}
+dataset_kwargs: {{data_files: {{test: "{data}/choice.json"}}, cache_dir: "{data}/cache"}}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
@@ -35,7 +35,7 @@ metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
     "tiny_generate": """
 task: tiny_generate
 dataset_path: json
-dataset_kwargs: {{data_files: {{test: "{data}/generate.json"}}}}
+dataset_kwargs: {{data_files: {{test: "{data}/generate.json"}}, cache_dir: "{data}/cache"}}
 test_split: test
 output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
@@ -46,7 +46,7 @@ metric_list: [{{metric: exact_match}}]
     "tiny_perplexity": """
 task: tiny_perplexity
 dataset_path: json
-dataset_kwargs: {{data_files: {{test: "{data}/text.json"}}}}
+dataset_kwargs: {{data_files: {{test: "{data}/text.json"}}, cache_dir: "{data}/cache"}}
 test_split: test
 output_type: loglikelihood_rolling
 doc_to_text: ""

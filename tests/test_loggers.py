@@ -53,6 +53,8 @@ def test_wandb_offline_writes_its_run_directory(inputs, tmp_path, monkeypatch, s
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):  # nothing written outside the test
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
     out_dir = tmp_path / "out"
     tiny_run(inputs, out_dir, "wandb")
     records = list((out_dir / "wandb").glob("offline-run-*/run-*.wandb"))  # what `wandb sync` uploads
