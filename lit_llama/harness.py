@@ -39,8 +39,9 @@ def require_lm_eval() -> None:
 class HarnessLM(TemplateLM):
     """A frozen lit-llama model (base, merged or adapter finetune) as an `lm_eval` model.
 
-    Loglikelihoods: requests sorted by length, `batch_size` per forward, padded on the right (causal attention keeps
-    padding out of every real position), the output head computed only at continuation positions. Generation:
+    Loglikelihoods: requests with the same input share a row (one-token choices of one question), rows sorted by
+    length, `batch_size` per forward, padded on the right (causal attention keeps padding out of every real
+    position), the output head computed only at continuation positions. Generation:
     requests with the same settings and prompt length go together through `generation.generate_batch`.
     """
 
@@ -85,8 +86,10 @@ class HarnessLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """`requests`: (cache key or None, context ids, continuation ids) -> (log-probability of the continuation,
         whether greedy decoding would produce it). Too long: the oldest context tokens are dropped."""
-        rows = []
-        for _, context, continuation in requests:
+        # requests with the same input and continuation length share a row: the choices of a multiple-choice
+        # question that are one token each (MMLU's " A", " B", ...) cost one row, not one per choice
+        rows: dict[tuple[tuple[int, ...], int], list[int]] = defaultdict(list)
+        for i, (_, context, continuation) in enumerate(requests):
             if not context or not continuation:
                 raise ValueError("a loglikelihood request needs context and continuation tokens")
             if len(continuation) > self.max_length:
@@ -94,41 +97,39 @@ class HarnessLM(TemplateLM):
                     f"a task scores a continuation of {len(continuation)} tokens, longer than the model's context "
                     f"of {self.max_length}"
                 )
-            tokens = (context + continuation)[-(self.max_length + 1) :]
-            rows.append((tokens[:-1], continuation))
+            inputs = (context + continuation)[-(self.max_length + 1) : -1]
+            rows[tuple(inputs), len(continuation)].append(i)
         # longest first: equal-length neighbours waste little padding, and running out of memory happens at once
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        results: list = [None] * len(rows)
-        with tqdm(total=len(rows), desc="loglikelihoods", file=sys.stderr, disable=disable_tqdm) as bar:
+        order = sorted(rows, key=lambda row: -len(row[0]))
+        results: list = [None] * len(requests)
+        with tqdm(total=len(requests), desc="loglikelihoods", file=sys.stderr, disable=disable_tqdm) as bar:
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
-                for i, score in zip(batch, self.score_batch([rows[i] for i in batch])):
-                    results[i] = score
-                    if requests[i][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
-                bar.update(len(batch))
+                for row, logprobs in zip(batch, self.continuation_logprobs(batch)):
+                    greedy = logprobs.argmax(dim=-1)
+                    for i in rows[row]:
+                        target = torch.tensor(requests[i][2], device=logprobs.device)
+                        score = (float(logprobs.gather(1, target.unsqueeze(1)).sum()), bool((greedy == target).all()))
+                        results[i] = score
+                        if requests[i][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
+                    bar.update(len(rows[row]))
         return results
 
-    def score_batch(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """One forward over the inputs padded on the right; logits only at the positions predicting continuations."""
+    def continuation_logprobs(self, rows: list[tuple[tuple[int, ...], int]]) -> list[torch.Tensor]:
+        """(inputs, continuation length) rows in one forward, padded on the right, the output head computed only at
+        the positions predicting the continuation: each row's (continuation length, vocab) log-probabilities."""
         width = max(len(inputs) for inputs, _ in rows)
         idx = torch.zeros(len(rows), width, dtype=torch.long)
         scored = torch.zeros(len(rows), width, dtype=torch.bool)
-        for r, (inputs, continuation) in enumerate(rows):
+        for r, (inputs, length) in enumerate(rows):
             idx[r, : len(inputs)] = torch.tensor(inputs)
-            scored[r, len(inputs) - len(continuation) : len(inputs)] = True
+            scored[r, len(inputs) - length : len(inputs)] = True
         device = self.runtime.device
         with self.runtime.autocast():
             logits = self.model(idx.to(device), logits_at=scored.to(device))
         logprobs = F.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
-        scores, row = [], 0
-        for _, continuation in rows:
-            rows_logprobs = logprobs[row : row + len(continuation)]
-            row += len(continuation)
-            target = torch.tensor(continuation, device=device)
-            total = rows_logprobs.gather(1, target.unsqueeze(1)).sum()
-            scores.append((float(total), bool((rows_logprobs.argmax(dim=-1) == target).all())))
-        return scores
+        return list(logprobs.split([length for _, length in rows]))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Perplexity tasks: each text in windows of the context length, every token predicted once."""

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 WORDS = ["red", "blue", "green", "cold", "warm", "one", "two", "three"]
 
-# Multiple choice (loglikelihood of each choice), greedy generation until a stop string (a letter the random model
+# Multiple choice (loglikelihood of each choice), greedy generation until a stop string (letters the random model
 # writes in some answers, not in others), and perplexity (rolling loglikelihood over windows of the context): the
 # harness's three kinds of request.
 TASKS = {
@@ -40,7 +40,7 @@ test_split: test
 output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{target}}}}"
-generation_kwargs: {{until: ["e"], max_gen_toks: 12, do_sample: false}}
+generation_kwargs: {{until: ["e", "o"], max_gen_toks: 12, do_sample: false}}
 metric_list: [{{metric: exact_match}}]
 """,
     "tiny_perplexity": """
@@ -64,7 +64,10 @@ def write_tasks(directory: Path) -> Path:
     def words(n: int) -> str:
         return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=generator).tolist())
 
-    choice = [{"question": words(2 + i % 5), "choices": [words(1 + i % 3), words(2), " " + words(3)], "label": i % 3}
+    # odd questions: letter choices as MMLU's (equal but for their last token, so they share one row); even ones:
+    # longer, uneven choices
+    choice = [{"question": words(2 + i % 5), "label": i % 3,
+               "choices": ["A", "B", "C"] if i % 2 else [words(1 + i % 3), words(2), " " + words(3)]}
               for i in range(9)]
     generate = [{"prompt": words(1 + i % 4), "target": words(1)} for i in range(7)]
     text = [{"text": words(5 + 40 * i)} for i in range(4)]  # the longest needs several windows
@@ -141,7 +144,7 @@ def test_harness_scores_each_sample_of_a_base_as_the_harness_hf_model_does(make_
     for task in tasks:
         assert_same_samples(ours, theirs, task)
     answers = [sample["resps"][0][0] for sample in ours["tiny_generate"]]
-    assert any(len(answer) < 3 for answer in answers) and any(len(answer) > 6 for answer in answers)  # some stop
+    assert any(len(answer) < 3 for answer in answers) and any(len(answer) > 6 for answer in answers), answers
 
 
 def test_harness_scores_a_lora_finetune_as_the_hf_model_with_its_peft_adapter(tmp_path, script, offline):
