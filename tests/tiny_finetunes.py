@@ -12,10 +12,11 @@ from lit_llama.tokenizer import Tokenizer
 from tiny_tokenizers import make_byte_level_bpe
 
 
-def make_base(directory: Path, name: str = "tiny", seed: int = 0) -> Path:
-    """A randomly initialised checkpoint directory with a tiny byte-level tokenizer; returns its lit-llama.pth.
-    The context is long enough for an Alpaca prompt in that tokenizer. "tiny-gqa-untied": GQA with an lm_head."""
-    make_byte_level_bpe(directory)
+def make_base(directory: Path, name: str = "tiny", seed: int = 0, make_tokenizer=make_byte_level_bpe) -> Path:
+    """A randomly initialised checkpoint directory with a tiny tokenizer (byte-level unless `make_tokenizer` writes
+    another); returns its lit-llama.pth. The context is long enough for an Alpaca prompt in that tokenizer.
+    "tiny-gqa-untied": GQA with an lm_head."""
+    make_tokenizer(directory)
     overrides = dict(vocab_size=Tokenizer(directory).vocab_size, block_size=512)
     if name == "tiny-gqa-untied":
         name, overrides["tie_embeddings"] = "tiny-gqa", False

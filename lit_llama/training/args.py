@@ -105,6 +105,9 @@ class FinetuneArgs:
             QLoRA's double quantization) or int8, dequantized layer by layer in each product (LoRA and the adapters
             only; see howto/finetune_lora.md).
         resume: "auto" to continue from the newest checkpoint in out_dir, or a checkpoint path.
+        logger: Where the metrics and settings also go, beside logs/metrics.csv (always written: loss.png and
+            --resume read it): csv (nowhere else), tensorboard (out_dir/tensorboard/) or wandb (Weights & Biases;
+            WANDB_MODE=offline keeps the run in out_dir/wandb/ for a later `wandb sync`).
     """
 
     data_dir: Path = Path("data/alpaca")
@@ -117,6 +120,7 @@ class FinetuneArgs:
     precision: Optional[str] = None
     quantize: Optional[str] = None
     resume: Optional[str] = None
+    logger: str = "csv"
 
 
 def adapter_recipe() -> TrainArgs:

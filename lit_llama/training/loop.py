@@ -23,7 +23,7 @@ from lit_llama.generation import generate
 from lit_llama.method import Method
 from lit_llama.prompts import PromptStyle
 from lit_llama.training.args import EvalArgs, TrainArgs
-from lit_llama.training.metrics import plot_losses, restore_metrics
+from lit_llama.training.metrics import finalize_loggers, plot_losses, restore_metrics
 from lit_llama.training.resume import find_resume, load_resume, save_checkpoint, trainable_state_dict
 from lit_llama.training.setup import PreparedData
 
@@ -133,7 +133,7 @@ def fit(fabric: Fabric, model, data: PreparedData, run: Run, train: TrainArgs, e
                     name = signal.Signals(stop.signum).name if stop.signum else "a signal on another process"
                     message = f"stopped by {name} after step {step}; saved {last_saved}: continue with --resume auto"
                     fabric.print(message, file=sys.stderr)
-                    fabric.logger.finalize("interrupted")
+                    finalize_loggers(fabric, "interrupted")
                     raise SystemExit(128 + (stop.signum or signal.SIGTERM))
                 clock += time.perf_counter() - pause  # evaluation and saving do not count against tokens/s
             epoch, start = epoch + 1, 0
@@ -147,7 +147,7 @@ def fit(fabric: Fabric, model, data: PreparedData, run: Run, train: TrainArgs, e
         save_torch(weights, final)
         plot_losses(run.out_dir)
         print(f"saved {final} (loss curve: {run.out_dir / 'loss.png'})", file=sys.stderr)
-    fabric.logger.finalize("success")
+    finalize_loggers(fabric, "success")
     fabric.barrier()
 
 

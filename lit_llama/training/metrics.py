@@ -1,6 +1,9 @@
-"""A run's metrics (`logs/metrics.csv`, written by Fabric's CSVLogger) and its loss curve (`loss.png`)."""
+"""A run's metrics (`logs/metrics.csv`, written by Fabric's CSVLogger, and optionally TensorBoard or Weights &
+Biases beside it) and its loss curve (`loss.png`)."""
 import csv
+import json
 import math
+import sys
 from pathlib import Path
 
 from lightning.fabric import Fabric
@@ -55,3 +58,52 @@ def plot_losses(out_dir: Path) -> None:
     with atomic_path(out_dir / "loss.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+LOGGERS = ("csv", "tensorboard", "wandb")
+
+
+def make_loggers(name: str, out_dir: Path) -> list:
+    """The CSV logger (the loss curve and --resume read its file) and, for `name` tensorboard or wandb, that one."""
+    from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+
+    if name not in LOGGERS:
+        raise UserError(f"unknown --logger {name!r}; choose one of {', '.join(LOGGERS)}")
+    loggers = [CSVLogger(out_dir, name="logs", version="", flush_logs_every_n_steps=1)]
+    if name == "tensorboard":
+        require(name, "tensorboard")
+        # beside logs/, not in it: the CSV logger warns about (and clears) a logs/ it did not write
+        loggers.append(TensorBoardLogger(out_dir, name="tensorboard", version=""))
+    elif name == "wandb":
+        require(name, "wandb")
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(WandbLogger(name=out_dir.name, save_dir=out_dir, project="lit-llama"))
+    return loggers
+
+
+def require(logger: str, package: str) -> None:
+    from importlib.util import find_spec
+
+    if find_spec(package) is None:
+        raise UserError(f"--logger {logger} needs the {package} package: pip install {package}")
+
+
+def log_hyperparameters(fabric: Fabric, settings: dict) -> None:
+    """The run's settings, once per run, to TensorBoard (its hparams tab, with Lightning's placeholder hp_metric) or
+    the wandb run's config. The CSV logger takes none: finetune_config.json records them beside the weights."""
+    from lightning.fabric.loggers import CSVLogger
+
+    settings = json.loads(json.dumps(settings, default=str))  # paths as text
+    for logger in fabric.loggers:
+        if not isinstance(logger, CSVLogger):
+            logger.log_hyperparams(settings)
+
+
+def finalize_loggers(fabric: Fabric, status: str) -> None:
+    """Flush and close every logger (TensorBoard's events reach the disk; a wandb run is marked finished)."""
+    for logger in fabric.loggers:
+        logger.finalize(status)
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=0 if status == "success" else 1)

@@ -1,10 +1,13 @@
 """`finetune`: what each finetune script runs, from its settings to the saved weights."""
+from dataclasses import asdict
+
 from lit_llama.errors import UserError
 from lit_llama.method import Method
 from lit_llama.precision import resolve_precision
 from lit_llama.quantize import check_training_mode
 from lit_llama.training.args import FinetuneArgs
 from lit_llama.training.loop import Run, fit
+from lit_llama.training.metrics import log_hyperparameters
 from lit_llama.training.run_dir import claim
 from lit_llama.training.setup import load_data, load_model, setup_fabric
 
@@ -20,7 +23,7 @@ def finetune(method: Method, options, settings: FinetuneArgs) -> None:
     settings.eval.check()
     precision = resolve_precision(settings.precision, mixed=method.trains_base_weights)
     data = load_data(settings.data_dir, settings.checkpoint_path)
-    fabric = setup_fabric(settings.devices, settings.num_nodes, precision, out_dir)
+    fabric = setup_fabric(settings.devices, settings.num_nodes, precision, out_dir, settings.logger)
     model, record = load_model(fabric, settings.checkpoint_path, method, options, precision, data, train, settings.quantize)
     record |= {"data_dir": str(settings.data_dir), "precision": precision}
     lock, problem = None, None
@@ -32,6 +35,8 @@ def finetune(method: Method, options, settings: FinetuneArgs) -> None:
     problem = fabric.broadcast(problem)
     if problem:
         raise UserError(problem)
+    # after the claim: a refused run must not write into the run it would have overwritten
+    log_hyperparameters(fabric, asdict(settings) | {"method": method.name, "precision": precision})
     try:
         fit(fabric, model, data, Run(out_dir, method, record, settings.resume), train, settings.eval)
     finally:

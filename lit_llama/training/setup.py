@@ -6,7 +6,6 @@ from typing import Optional
 
 import torch
 from lightning.fabric import Fabric
-from lightning.fabric.loggers import CSVLogger
 from lightning.fabric.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 
@@ -22,6 +21,7 @@ from lit_llama.prompts import PromptStyle, resolve_prompt_style
 from lit_llama.quantize import quantize_frozen, unshardable_parameters
 from lit_llama.training.args import TrainArgs
 from lit_llama.tokenizer import Tokenizer
+from lit_llama.training.metrics import make_loggers
 
 
 @dataclass
@@ -47,9 +47,11 @@ def shard_blocks(model: LLaMA, device_mesh) -> LLaMA:
     return model
 
 
-def setup_fabric(devices: int, num_nodes: int, precision: str, out_dir: Path) -> Fabric:
+def setup_fabric(devices: int, num_nodes: int, precision: str, out_dir: Path, logger: str = "csv") -> Fabric:
     """Launch one process per device. `precision` is resolved: for `-true` precisions we cast the weights
-    ourselves (so trainable weights can stay fp32), for `-mixed` ones Fabric runs the forward under autocast."""
+    ourselves (so trainable weights can stay fp32), for `-mixed` ones Fabric runs the forward under autocast.
+    Metrics go to logs/metrics.csv and, for `logger` tensorboard or wandb, there too."""
+    loggers = make_loggers(logger, out_dir)
     if devices < 1 or num_nodes < 1:
         raise UserError(f"--devices ({devices}) and --num_nodes ({num_nodes}) must be at least 1")
     world_size = devices * num_nodes
@@ -61,7 +63,7 @@ def setup_fabric(devices: int, num_nodes: int, precision: str, out_dir: Path) ->
         num_nodes=num_nodes,
         strategy=strategy,
         precision=precision if autocast_dtype(precision) else "32-true",
-        loggers=CSVLogger(out_dir, name="logs", version="", flush_logs_every_n_steps=1),
+        loggers=loggers,
     )
     fabric.launch()
     return fabric
