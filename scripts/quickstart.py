@@ -40,6 +40,8 @@ def main(
     lora_alpha: float = 32,
     all_linear: bool = True,
     max_new_tokens: int = 40,
+    prompt_style: Optional[str] = None,
+    quantize: Optional[str] = None,
 ) -> None:
     """Run the seed flow end to end on SmolLM2-135M-Instruct and print what the finetuning achieved.
 
@@ -59,6 +61,9 @@ def main(
         lora_alpha: LoRA alpha (the update is scaled by alpha / r).
         all_linear: LoRA on every linear layer (attention and MLP) instead of only query and value.
         max_new_tokens: The longest answer generated in evaluation and the demo generations.
+        prompt_style: How records become prompts (default: the checkpoint's own chat template; chatml or alpaca to
+            compare).
+        quantize: Finetune over a quantized base (nf4, nf4-dq, int8: QLoRA) instead of the bf16 one.
     """
     # every setting checked before the first step: a bad one would otherwise surface minutes in, at its step
     TrainArgs(learning_rate=learning_rate, batch_size=batch_size, micro_batch_size=micro_batch_size, epochs=epochs,
@@ -81,7 +86,7 @@ def main(
              "scripts/convert_gguf_checkpoint.py", "--output_dir", checkpoint_dir)
     step("2. Build the built-in task set with the model's tokenizer", "scripts/prepare_builtin.py",
          "--checkpoint_dir", checkpoint_dir, "--destination_path", data_dir, "--num_records", num_records,
-         "--test_split_size", test_split_size)
+         "--test_split_size", test_split_size, *(["--prompt_style", prompt_style] if prompt_style else []))
     step("3. Evaluate the base model on the held-out split", "scripts/evaluate_tasks.py",
          "--checkpoint_path", weights, "--data_dir", data_dir, "--max_records", eval_records,
          "--max_new_tokens", max_new_tokens, "--output_json", out_dir / "eval_base.json")
@@ -96,7 +101,7 @@ def main(
          "--train.batch_size", batch_size, "--train.micro_batch_size", micro_batch_size,
          "--train.learning_rate", learning_rate, "--train.warmup_steps", 10, "--train.save_interval", 1000,
          "--lora.r", lora_r, "--lora.alpha", lora_alpha, "--lora.dropout", 0.0, "--lora.targets", targets,
-         "--eval.interval", 1000, "--eval.iters", 4)
+         "--eval.interval", 1000, "--eval.iters", 4, *(["--quantize", quantize] if quantize else []))
     training_seconds = time.perf_counter() - start
     step("5. Evaluate the finetuned model on the same held-out split", "scripts/evaluate_tasks.py",
          "--checkpoint_path", weights, "--finetuned_path", lora_weights, "--data_dir", data_dir,
