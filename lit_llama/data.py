@@ -6,7 +6,8 @@ A prepared dataset directory holds:
                      of the prompt set to -100 when inputs are masked, so the loss only covers the response
   test.json          the raw held-out records in the order of test.pt (evaluation generates from them)
   meta.json          tokenizer identity, prompt style, sizes and the other settings used
-The `scripts/prepare_*.py` scripts only fetch their source and call `prepare`; everything else lives here.
+Each `scripts/prepare_*.py` script is a PrepareArgs subclass with its source's options: it only fetches its source
+and calls `prepare_with`; everything else lives here.
 """
 import csv
 import io
@@ -15,6 +16,7 @@ import random
 import shutil
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Optional, Union
@@ -23,9 +25,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lit_llama.cli import OutputPath
 from lit_llama.files import atomic_path, load_torch, read_json_object, save_all
 from lit_llama.errors import UserError
-from lit_llama.prompts import PromptStyle
+from lit_llama.prompts import PromptStyle, resolve_prompt_style
 from lit_llama.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # the label value cross-entropy skips
@@ -38,6 +41,34 @@ def load_tokenizer(checkpoint_dir: Path, tokenizer_path: Optional[Path] = None) 
     if not Path(checkpoint_dir).is_dir():
         raise UserError(f"checkpoint directory not found: {checkpoint_dir} (pass --checkpoint_dir or --tokenizer_path)")
     return Tokenizer(checkpoint_dir)
+
+
+@dataclass
+class PrepareArgs:
+    """The settings every scripts/prepare_*.py takes; each script's dataclass adds its source's options and defaults.
+
+    Args:
+        destination_path: Directory for the prepared files.
+        checkpoint_dir: Checkpoint whose tokenizer to use.
+        tokenizer_path: A tokenizer.model or tokenizer.json to use instead of the checkpoint's.
+        test_split_size: Number of records held out for evaluation.
+        max_seq_length: Samples longer than this (in tokens) are truncated, keeping their EOS.
+        seed: Seed of the train/test split.
+        mask_inputs: Compute the loss on the response only (prompt labels set to -100).
+        prompt_style: Prompt template: "alpaca", "chatml", "chat_template" (the checkpoint's own) or one you
+            registered in lit_llama/prompts.py; default: the checkpoint's chat template if it has one, else alpaca.
+        skip_long: Drop samples longer than max_seq_length instead of truncating them.
+    """
+
+    destination_path: OutputPath = OutputPath("data/custom")
+    checkpoint_dir: Path = Path("checkpoints/smollm2-135m-instruct")
+    tokenizer_path: Optional[Path] = None
+    test_split_size: int = 100
+    max_seq_length: int = 256
+    seed: int = 42
+    mask_inputs: bool = True
+    prompt_style: Optional[str] = None
+    skip_long: bool = False
 
 
 def download(url: str, path: Path) -> None:
@@ -253,6 +284,15 @@ def prepare(
         f"({long_note} of {len(records)} records longer than {max_seq_length} tokens)"
     )
     return meta
+
+
+def prepare_with(settings: PrepareArgs, records: list[dict], tokenizer: Tokenizer, source: str) -> dict:
+    """`prepare` with a script's settings, the prompt style resolved against the tokenizer's checkpoint."""
+    return prepare(
+        records, settings.destination_path, tokenizer, source, settings.test_split_size, settings.max_seq_length,
+        settings.seed, settings.mask_inputs, resolve_prompt_style(settings.prompt_style, tokenizer.path.parent),
+        settings.skip_long,
+    )
 
 
 def write_prepared(directory: Path, train: list[dict], test: list[dict], test_records: list, meta: dict) -> None:
