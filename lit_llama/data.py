@@ -98,24 +98,7 @@ def load_records(
     """Read a JSON list, JSON Lines or CSV file into records {"instruction", "input", "output"[, "task"]}.
     `input` and `task` are optional per record (a missing input becomes "")."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # -sig: tolerate the byte-order mark spreadsheets write
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text (invalid byte at offset {error.start})") from None
-
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        rows = parse_json(text, path)
-    elif suffix == ".jsonl":
-        rows = parse_jsonl(text, path)
-    elif suffix == ".csv":
-        rows = parse_csv(text, path)
-    else:
-        raise UserError(f"{path}: unsupported file type {suffix or '(none)'!r}, expected .json, .jsonl or .csv")
-    if not rows:
-        raise UserError(f"{path} holds no records")
+    rows = read_rows(path, (".json", ".jsonl", ".csv"))
     fields = {"instruction": instruction_field, "input": input_field, "output": output_field, "task": task_field}
     return [to_record(row, number, path, fields) for number, row in enumerate(rows, 1)]
 
@@ -156,6 +139,26 @@ def parse_csv(text: str, path: Path) -> list:
         return list(csv.DictReader(io.StringIO(text, newline="")))
     except csv.Error as error:
         raise UserError(f"{path} is not valid CSV: {error}") from None
+
+
+def read_rows(path: Path, suffixes: tuple[str, ...]) -> list:
+    """The rows of a data file with one of `suffixes` (".json": a list, ".jsonl": one per line, ".csv": a header
+    row); a file holding none is refused."""
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: tolerate the byte-order mark spreadsheets write
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (invalid byte at offset {error.start})") from None
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        expected = ", ".join(suffixes[:-1]) + " or " + suffixes[-1]
+        raise UserError(f"{path}: unsupported file type {suffix or '(none)'!r}, expected {expected}")
+    parse = {".json": parse_json, ".jsonl": parse_jsonl, ".csv": parse_csv}[suffix]
+    rows = parse(text, path)
+    if not rows:
+        raise UserError(f"{path} holds no records")
+    return rows
 
 
 def to_record(row, number: int, path: Path, fields: dict) -> dict:
