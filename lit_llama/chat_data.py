@@ -12,7 +12,7 @@ from typing import Union
 
 from tqdm import tqdm
 
-from lit_llama.data import IGNORE_INDEX, flat_tensor, read_rows, split_records, write_prepared
+from lit_llama.data import IGNORE_INDEX, flat_tensor, prepared_meta, read_rows, split_records, write_prepared
 from lit_llama.errors import UserError
 from lit_llama.files import read_json
 from lit_llama.prompts import ROLES, PromptStyle, join_instruction
@@ -198,19 +198,9 @@ def prepare_conversations(
     counts = {key: train_counts[key] + test_counts[key] for key in train_counts}
     if not train_samples:
         raise UserError(f"no conversation of {source} fits in --max_seq_length {max_seq_length} with a labelled token")
-    meta = {
-        "tokenizer": tokenizer.identity,
-        "prompt_style": style.name,
-        "max_seq_length": max_seq_length,
-        "mask_inputs": mask_inputs,
-        "train_size": len(train_samples),
-        "test_size": len(test_samples),
-        "truncated": counts["truncated"],
-        "skipped": counts["skipped"],
-        "dropped": counts["dropped"],
-        "source": source,
-        "format": "conversations",
-    }
+    meta = prepared_meta(
+        tokenizer, style, max_seq_length, mask_inputs, train_samples, test_samples, source, **counts,
+    ) | {"format": "conversations"}
     test_records = [{"messages": test[i]} for i in test_kept]
     write_prepared(destination_path, train_samples, test_samples, test_records, meta)
     print(

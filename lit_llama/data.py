@@ -71,6 +71,15 @@ class PrepareArgs:
     skip_long: bool = False
 
 
+def local_or_downloaded(data_file: Optional[Path], url: str, directory: Path) -> Path:
+    """`data_file` when the user gave one, else the file at `url`, downloaded into `directory` once."""
+    if data_file is not None:
+        return data_file
+    path = Path(directory) / url.rsplit("/", 1)[-1]
+    download(url, path)
+    return path
+
+
 def download(url: str, path: Path) -> None:
     """Fetch `url` into `path` unless it is already there; a failed download leaves nothing behind."""
     if path.is_file():
@@ -269,17 +278,10 @@ def prepare(
         kept = [i for i, long in enumerate(test_long) if not long]
         test, test_samples = [test[i] for i in kept], [test_samples[i] for i in kept]
 
-    meta = {
-        "tokenizer": tokenizer.identity,
-        "prompt_style": style.name,
-        "max_seq_length": max_seq_length,
-        "mask_inputs": mask_inputs,
-        "train_size": len(train_samples),
-        "test_size": len(test_samples),
-        "truncated": 0 if skip_long else sum(truncated),
-        "skipped": sum(truncated) if skip_long else 0,
-        "source": source,
-    }
+    meta = prepared_meta(
+        tokenizer, style, max_seq_length, mask_inputs, train_samples, test_samples, source,
+        truncated=0 if skip_long else sum(truncated), skipped=sum(truncated) if skip_long else 0,
+    )
     write_prepared(destination_path, train_samples, test_samples, test, meta)
     long_note = f"skipped {meta['skipped']}" if skip_long else f"truncated {meta['truncated']}"
     print(
@@ -296,6 +298,18 @@ def prepare_with(settings: PrepareArgs, records: list[dict], tokenizer: Tokenize
         settings.seed, settings.mask_inputs, resolve_prompt_style(settings.prompt_style, tokenizer.path.parent),
         settings.skip_long,
     )
+
+
+def prepared_meta(
+    tokenizer: Tokenizer, style: PromptStyle, max_seq_length: int, mask_inputs: bool, train: list, test: list,
+    source: str, **counts,
+) -> dict:
+    """meta.json of a prepared dataset: what the samples were made with, their numbers, and `counts` (truncated,
+    skipped, ...)."""
+    return {
+        "tokenizer": tokenizer.identity, "prompt_style": style.name, "max_seq_length": max_seq_length,
+        "mask_inputs": mask_inputs, "train_size": len(train), "test_size": len(test), **counts, "source": source,
+    }
 
 
 def write_prepared(directory: Path, train: list[dict], test: list[dict], test_records: list, meta: dict) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_llama.cli import OutputPath, run_cli
-from lit_llama.data import PrepareArgs, download, load_records, load_tokenizer, prepare_with
+from lit_llama.data import PrepareArgs, load_records, load_tokenizer, local_or_downloaded, prepare_with
 
 DATA_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
 
@@ -27,10 +27,7 @@ class PrepareDolly(PrepareArgs):
 
 def main(settings: PrepareDolly) -> None:
     tokenizer = load_tokenizer(settings.checkpoint_dir, settings.tokenizer_path)
-    data_file = settings.data_file
-    if data_file is None:
-        data_file = settings.destination_path / DATA_URL.rsplit("/", 1)[-1]
-        download(DATA_URL, data_file)
+    data_file = local_or_downloaded(settings.data_file, DATA_URL, settings.destination_path)
     records = load_records(data_file, input_field="context", output_field="response", task_field="category")
     prepare_with(settings, records, tokenizer, source=str(data_file))
 
