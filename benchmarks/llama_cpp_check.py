@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lit_llama.chat import common_prefix_length
 from lit_llama.checkpoint import load
 from lit_llama.cli import run_cli
 from lit_llama.errors import UserError
@@ -61,16 +62,6 @@ def load_llama_cpp(path: Path, threads: int):
         str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, logits_all=True,
         type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False,
     )
-
-
-def agreement(ours: list[int], theirs: list[int]) -> int:
-    """Length of the common prefix."""
-    same = 0
-    for a, b in zip(ours, theirs):
-        if a != b:
-            break
-        same += 1
-    return same
 
 
 def main(
@@ -120,7 +111,7 @@ def main(
             theirs = llama_cpp_greedy(llm, prompt_ids, max_new_tokens, stop_ids)
             rows.append({
                 "prompt": prompt, "same_prompt_ids": tokenized == prompt_ids, "identical": ours == theirs,
-                "common_prefix": agreement(ours, theirs), "ours": ours, "theirs": theirs,
+                "common_prefix": common_prefix_length(ours, theirs), "ours": ours, "theirs": theirs,
                 "ours_text": tokenizer.decode(ours), "theirs_text": tokenizer.decode(theirs),
             })
         del llm

@@ -7,24 +7,18 @@ The base weights stay frozen (in bf16 by default); layers from --adapter.start_l
 Saves `lit-llama-adapter-finetuned.pth` (the adapter weights only) and `finetune_config.json` in --out_dir; use them
 with generate/adapter.py. Every option and its default: -h. See howto/finetune_adapter.md.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from lit_llama.adapter import ADAPTER, AdapterArgs
+from lit_llama.adapter import ADAPTER
 from lit_llama.cli import OutputPath, run_cli
-from lit_llama.training import FinetuneArgs, TrainArgs, adapter_recipe, finetune
+from lit_llama.training import AdapterFinetuneArgs, finetune
 
 
 @dataclass
-class AdapterFinetune(FinetuneArgs):
-    """Finetune with LLaMA-Adapter (the paper's recipe for the training settings).
-
-    Args:
-        adapter: Prompt length and first adapted layer.
-    """
+class AdapterFinetune(AdapterFinetuneArgs):
+    """Finetune with LLaMA-Adapter (the paper's recipe for the training settings)."""
 
     out_dir: OutputPath = OutputPath("out/adapter/alpaca")
-    adapter: AdapterArgs = field(default_factory=AdapterArgs)
-    train: TrainArgs = field(default_factory=adapter_recipe)
 
 
 def main(settings: AdapterFinetune) -> None:

@@ -7,16 +7,15 @@ every linear layer and trained RMSNorm weights; the rest stays frozen (in bf16 b
 `lit-llama-adapter-v2-finetuned.pth` (the trained weights only) and `finetune_config.json` in --out_dir; use them
 with generate/adapter_v2.py. Every option and its default: -h. See howto/finetune_adapter.md.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from lit_llama.adapter import AdapterArgs
 from lit_llama.adapter_v2 import ADAPTER_V2
 from lit_llama.cli import OutputPath, run_cli
-from lit_llama.training import FinetuneArgs, TrainArgs, adapter_recipe, finetune
+from lit_llama.training import AdapterFinetuneArgs, finetune
 
 
 @dataclass
-class AdapterV2Finetune(FinetuneArgs):
+class AdapterV2Finetune(AdapterFinetuneArgs):
     """Finetune with LLaMA-Adapter v2, with the v1 recipe (finetune/adapter.py).
 
     Args:
@@ -24,8 +23,6 @@ class AdapterV2Finetune(FinetuneArgs):
     """
 
     out_dir: OutputPath = OutputPath("out/adapter_v2/alpaca")
-    adapter: AdapterArgs = field(default_factory=AdapterArgs)
-    train: TrainArgs = field(default_factory=adapter_recipe)
 
 
 def main(settings: AdapterV2Finetune) -> None:

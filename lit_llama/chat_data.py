@@ -12,7 +12,7 @@ from typing import Union
 
 from tqdm import tqdm
 
-from lit_llama.data import IGNORE_INDEX, flat_tensor, parse_json, parse_jsonl, split_records, write_prepared
+from lit_llama.data import IGNORE_INDEX, flat_tensor, prepared_meta, read_rows, split_records, write_prepared
 from lit_llama.errors import UserError
 from lit_llama.files import read_json
 from lit_llama.prompts import ROLES, PromptStyle, join_instruction
@@ -24,21 +24,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 def load_conversations(path: Union[str, Path]) -> list[list[dict]]:
     """The conversations of a .json (a list of records) or .jsonl file, as lists of {"role", "content"} messages."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text (invalid byte at offset {error.start})") from None
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        rows = parse_json(text, path)
-    elif suffix == ".jsonl":
-        rows = parse_jsonl(text, path)
-    else:
-        raise UserError(f"{path}: unsupported file type {suffix or '(none)'!r}, expected .json or .jsonl")
-    if not rows:
-        raise UserError(f"{path} holds no records")
+    rows = read_rows(path, (".json", ".jsonl"))
     return [to_conversation(row, number, path) for number, row in enumerate(rows, 1)]
 
 
@@ -212,19 +198,9 @@ def prepare_conversations(
     counts = {key: train_counts[key] + test_counts[key] for key in train_counts}
     if not train_samples:
         raise UserError(f"no conversation of {source} fits in --max_seq_length {max_seq_length} with a labelled token")
-    meta = {
-        "tokenizer": tokenizer.identity,
-        "prompt_style": style.name,
-        "max_seq_length": max_seq_length,
-        "mask_inputs": mask_inputs,
-        "train_size": len(train_samples),
-        "test_size": len(test_samples),
-        "truncated": counts["truncated"],
-        "skipped": counts["skipped"],
-        "dropped": counts["dropped"],
-        "source": source,
-        "format": "conversations",
-    }
+    meta = prepared_meta(
+        tokenizer, style, max_seq_length, mask_inputs, train_samples, test_samples, source, **counts,
+    ) | {"format": "conversations"}
     test_records = [{"messages": test[i]} for i in test_kept]
     write_prepared(destination_path, train_samples, test_samples, test_records, meta)
     print(

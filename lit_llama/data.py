@@ -6,7 +6,8 @@ A prepared dataset directory holds:
                      of the prompt set to -100 when inputs are masked, so the loss only covers the response
   test.json          the raw held-out records in the order of test.pt (evaluation generates from them)
   meta.json          tokenizer identity, prompt style, sizes and the other settings used
-The `scripts/prepare_*.py` scripts only fetch their source and call `prepare`; everything else lives here.
+Each `scripts/prepare_*.py` script is a PrepareArgs subclass with its source's options: it only fetches its source
+and calls `prepare_with`; everything else lives here.
 """
 import csv
 import io
@@ -15,6 +16,7 @@ import random
 import shutil
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Optional, Union
@@ -23,9 +25,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lit_llama.cli import OutputPath
 from lit_llama.files import atomic_path, load_torch, read_json_object, save_all
 from lit_llama.errors import UserError
-from lit_llama.prompts import PromptStyle
+from lit_llama.prompts import PromptStyle, resolve_prompt_style
 from lit_llama.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # the label value cross-entropy skips
@@ -38,6 +41,43 @@ def load_tokenizer(checkpoint_dir: Path, tokenizer_path: Optional[Path] = None) 
     if not Path(checkpoint_dir).is_dir():
         raise UserError(f"checkpoint directory not found: {checkpoint_dir} (pass --checkpoint_dir or --tokenizer_path)")
     return Tokenizer(checkpoint_dir)
+
+
+@dataclass
+class PrepareArgs:
+    """The settings every scripts/prepare_*.py takes; each script's dataclass adds its source's options and defaults.
+
+    Args:
+        destination_path: Directory for the prepared files.
+        checkpoint_dir: Checkpoint whose tokenizer to use.
+        tokenizer_path: A tokenizer.model or tokenizer.json to use instead of the checkpoint's.
+        test_split_size: Number of records held out for evaluation.
+        max_seq_length: Samples longer than this (in tokens) are truncated, keeping their EOS.
+        seed: Seed of the train/test split.
+        mask_inputs: Compute the loss on the response only (prompt labels set to -100).
+        prompt_style: Prompt template: "alpaca", "chatml", "chat_template" (the checkpoint's own) or one you
+            registered in lit_llama/prompts.py; default: the checkpoint's chat template if it has one, else alpaca.
+        skip_long: Drop samples longer than max_seq_length instead of truncating them.
+    """
+
+    destination_path: OutputPath = OutputPath("data/custom")
+    checkpoint_dir: Path = Path("checkpoints/smollm2-135m-instruct")
+    tokenizer_path: Optional[Path] = None
+    test_split_size: int = 100
+    max_seq_length: int = 256
+    seed: int = 42
+    mask_inputs: bool = True
+    prompt_style: Optional[str] = None
+    skip_long: bool = False
+
+
+def local_or_downloaded(data_file: Optional[Path], url: str, directory: Path) -> Path:
+    """`data_file` when the user gave one, else the file at `url`, downloaded into `directory` once."""
+    if data_file is not None:
+        return data_file
+    path = Path(directory) / url.rsplit("/", 1)[-1]
+    download(url, path)
+    return path
 
 
 def download(url: str, path: Path) -> None:
@@ -67,24 +107,7 @@ def load_records(
     """Read a JSON list, JSON Lines or CSV file into records {"instruction", "input", "output"[, "task"]}.
     `input` and `task` are optional per record (a missing input becomes "")."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # -sig: tolerate the byte-order mark spreadsheets write
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text (invalid byte at offset {error.start})") from None
-
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        rows = parse_json(text, path)
-    elif suffix == ".jsonl":
-        rows = parse_jsonl(text, path)
-    elif suffix == ".csv":
-        rows = parse_csv(text, path)
-    else:
-        raise UserError(f"{path}: unsupported file type {suffix or '(none)'!r}, expected .json, .jsonl or .csv")
-    if not rows:
-        raise UserError(f"{path} holds no records")
+    rows = read_rows(path, (".json", ".jsonl", ".csv"))
     fields = {"instruction": instruction_field, "input": input_field, "output": output_field, "task": task_field}
     return [to_record(row, number, path, fields) for number, row in enumerate(rows, 1)]
 
@@ -125,6 +148,26 @@ def parse_csv(text: str, path: Path) -> list:
         return list(csv.DictReader(io.StringIO(text, newline="")))
     except csv.Error as error:
         raise UserError(f"{path} is not valid CSV: {error}") from None
+
+
+def read_rows(path: Path, suffixes: tuple[str, ...]) -> list:
+    """The rows of a data file with one of `suffixes` (".json": a list, ".jsonl": one per line, ".csv": a header
+    row); a file holding none is refused."""
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: tolerate the byte-order mark spreadsheets write
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (invalid byte at offset {error.start})") from None
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        expected = ", ".join(suffixes[:-1]) + " or " + suffixes[-1]
+        raise UserError(f"{path}: unsupported file type {suffix or '(none)'!r}, expected {expected}")
+    parse = {".json": parse_json, ".jsonl": parse_jsonl, ".csv": parse_csv}[suffix]
+    rows = parse(text, path)
+    if not rows:
+        raise UserError(f"{path} holds no records")
+    return rows
 
 
 def to_record(row, number: int, path: Path, fields: dict) -> dict:
@@ -235,17 +278,10 @@ def prepare(
         kept = [i for i, long in enumerate(test_long) if not long]
         test, test_samples = [test[i] for i in kept], [test_samples[i] for i in kept]
 
-    meta = {
-        "tokenizer": tokenizer.identity,
-        "prompt_style": style.name,
-        "max_seq_length": max_seq_length,
-        "mask_inputs": mask_inputs,
-        "train_size": len(train_samples),
-        "test_size": len(test_samples),
-        "truncated": 0 if skip_long else sum(truncated),
-        "skipped": sum(truncated) if skip_long else 0,
-        "source": source,
-    }
+    meta = prepared_meta(
+        tokenizer, style, max_seq_length, mask_inputs, train_samples, test_samples, source,
+        truncated=0 if skip_long else sum(truncated), skipped=sum(truncated) if skip_long else 0,
+    )
     write_prepared(destination_path, train_samples, test_samples, test, meta)
     long_note = f"skipped {meta['skipped']}" if skip_long else f"truncated {meta['truncated']}"
     print(
@@ -253,6 +289,27 @@ def prepare(
         f"({long_note} of {len(records)} records longer than {max_seq_length} tokens)"
     )
     return meta
+
+
+def prepare_with(settings: PrepareArgs, records: list[dict], tokenizer: Tokenizer, source: str) -> dict:
+    """`prepare` with a script's settings, the prompt style resolved against the tokenizer's checkpoint."""
+    return prepare(
+        records, settings.destination_path, tokenizer, source, settings.test_split_size, settings.max_seq_length,
+        settings.seed, settings.mask_inputs, resolve_prompt_style(settings.prompt_style, tokenizer.path.parent),
+        settings.skip_long,
+    )
+
+
+def prepared_meta(
+    tokenizer: Tokenizer, style: PromptStyle, max_seq_length: int, mask_inputs: bool, train: list, test: list,
+    source: str, **counts,
+) -> dict:
+    """meta.json of a prepared dataset: what the samples were made with, their numbers, and `counts` (truncated,
+    skipped, ...)."""
+    return {
+        "tokenizer": tokenizer.identity, "prompt_style": style.name, "max_seq_length": max_seq_length,
+        "mask_inputs": mask_inputs, "train_size": len(train), "test_size": len(test), **counts, "source": source,
+    }
 
 
 def write_prepared(directory: Path, train: list[dict], test: list[dict], test_records: list, meta: dict) -> None:

@@ -156,6 +156,22 @@ def check_fits(model: nn.Module, finetuned: dict, finetuned_path: Path, base_pat
             )
 
 
+def finetune_base(
+    finetuned_path: Path, record: dict, checkpoint_path: Optional[Union[str, Path]]
+) -> tuple[Path, Config]:
+    """The base weights file of a finetune (`checkpoint_path`, default: the one recorded at finetuning time) and the
+    model config it was finetuned with, checked to be that base's."""
+    checkpoint_path = checkpoint_path or record.get("base_checkpoint")
+    if checkpoint_path is None:
+        raise UserError(
+            f"{FINETUNE_CONFIG_NAME} beside {finetuned_path} names no base checkpoint: pass --checkpoint_path"
+        )
+    base_path = weights_path(checkpoint_path)
+    config = Config.from_dict(record["model_config"])
+    check_same_base(config, load_config(base_path), finetuned_path, base_path)
+    return base_path, config
+
+
 def load_finetuned(
     finetuned_path: Union[str, Path],
     checkpoint_path: Optional[Union[str, Path]] = None,
@@ -170,12 +186,7 @@ def load_finetuned(
     record = read_finetune_config(finetuned_path)
     if method is not None and record["method"] != method:
         raise UserError(f"{finetuned_path} holds {record['method']} weights, not {method}")
-    checkpoint_path = checkpoint_path or record.get("base_checkpoint")
-    if checkpoint_path is None:
-        raise UserError(f"{FINETUNE_CONFIG_NAME} beside {finetuned_path} names no base checkpoint: pass one")
-    base_path = weights_path(checkpoint_path)
-    config = Config.from_dict(record["model_config"])
-    check_same_base(config, load_config(base_path), finetuned_path, base_path)
+    base_path, config = finetune_base(finetuned_path, record, checkpoint_path)
     tokenizer = Tokenizer(checkpoint_dir(base_path))
     check_trained_tokenizer(record.get("tokenizer"), tokenizer, finetuned_path)
 

@@ -3,7 +3,6 @@
 files: both kinds run through the `tokenizers` library, a SentencePiece model rebuilt the way transformers' Llama
 tokenizer rebuilds it. BOS/EOS ids come from the tokenizer's own files."""
 import hashlib
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import Optional, Union
@@ -11,6 +10,7 @@ from typing import Optional, Union
 import torch
 
 from lit_llama.errors import UserError
+from lit_llama.files import read_json_object
 
 TOKENIZER_FILES = (
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"
@@ -210,15 +210,7 @@ def bos_eos_processor(special_tokens: dict, tokenizer, add_bos: bool, add_eos: b
 
 
 def read_json_if_present(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
-        raise UserError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path} holds a JSON {type(values).__name__}, expected an object")
-    return values
+    return read_json_object(path) if path.is_file() else {}
 
 
 def file_sha256(path: Path) -> str:

@@ -15,13 +15,13 @@ from typing import Optional
 
 import torch
 
-from lit_llama.checkpoint import check_state_dict, load_config, weights_path
+from lit_llama.checkpoint import check_state_dict
 from lit_llama.files import load_torch, save_all
 from lit_llama.cli import OutputPath, run_cli
 from lit_llama.convert import lit_to_hf_name
 from lit_llama.errors import UserError
-from lit_llama.finetuned import apply_method, check_fits, check_same_base, read_finetune_config
-from lit_llama.model import LLaMA, Config
+from lit_llama.finetuned import apply_method, check_fits, finetune_base, read_finetune_config
+from lit_llama.model import LLaMA
 
 
 def main(
@@ -43,12 +43,7 @@ def main(
     record = read_finetune_config(finetuned_path)
     if record["method"] != "lora":
         raise UserError(f"{finetuned_path} holds {record['method']} weights; only LoRA exports to PEFT")
-    checkpoint_path = checkpoint_path or record.get("base_checkpoint")
-    if checkpoint_path is None:
-        raise UserError(f"finetune_config.json beside {finetuned_path} names no base checkpoint: pass --checkpoint_path")
-    base_path = weights_path(checkpoint_path)
-    config = Config.from_dict(record["model_config"])
-    check_same_base(config, load_config(base_path), finetuned_path, base_path)
+    base_path, config = finetune_base(finetuned_path, record, checkpoint_path)
     lora_weights = load_torch(finetuned_path)
     check_state_dict(lora_weights, finetuned_path)
     with torch.device("meta"):

@@ -1,52 +1,32 @@
 """Prepare the cleaned Alpaca instruction dataset (52k records) for finetuning."""
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from lit_llama.cli import OutputPath, run_cli
-from lit_llama.data import download, load_records, load_tokenizer, prepare
-from lit_llama.prompts import resolve_prompt_style
+from lit_llama.data import PrepareArgs, load_records, load_tokenizer, local_or_downloaded, prepare_with
 
 DATA_URL = "https://raw.githubusercontent.com/tloen/alpaca-lora/main/alpaca_data_cleaned_archive.json"
 
 
-def main(
-    destination_path: OutputPath = OutputPath("data/alpaca"),
-    checkpoint_dir: Path = Path("checkpoints/smollm2-135m-instruct"),
-    tokenizer_path: Optional[Path] = None,
-    data_file: Optional[Path] = None,
-    test_split_size: int = 2000,
-    max_seq_length: int = 256,
-    seed: int = 42,
-    mask_inputs: bool = True,
-    prompt_style: Optional[str] = None,
-    skip_long: bool = False,
-) -> None:
+@dataclass
+class PrepareAlpaca(PrepareArgs):
     """Download (unless --data_file is given), split and tokenize Alpaca into train.pt, test.pt, test.json, meta.json.
 
     Args:
         destination_path: Directory for the prepared files (and the downloaded JSON).
-        checkpoint_dir: Checkpoint whose tokenizer to use.
-        tokenizer_path: A tokenizer.model or tokenizer.json to use instead of the checkpoint's.
         data_file: A local copy of the Alpaca JSON; skips the download.
-        test_split_size: Number of records held out for evaluation.
-        max_seq_length: Samples longer than this (in tokens) are truncated, keeping their EOS.
-        seed: Seed of the train/test split.
-        mask_inputs: Compute the loss on the response only (prompt labels set to -100).
-        prompt_style: Prompt template: "alpaca", "chatml", "chat_template" (the checkpoint's own) or one you
-            registered in lit_llama/prompts.py; default: the checkpoint's chat template if it has one, else alpaca.
-        skip_long: Drop samples longer than max_seq_length instead of truncating them.
     """
-    tokenizer = load_tokenizer(checkpoint_dir, tokenizer_path)
-    if data_file is None:
-        data_file = destination_path / DATA_URL.rsplit("/", 1)[-1]
-        download(DATA_URL, data_file)
-    records = load_records(data_file)
-    prepare(
-        records, destination_path, tokenizer, source=str(data_file), test_split_size=test_split_size,
-        max_seq_length=max_seq_length, seed=seed, mask_inputs=mask_inputs,
-        prompt_style=resolve_prompt_style(prompt_style, tokenizer.path.parent),
-        skip_long=skip_long,
-    )
+
+    destination_path: OutputPath = OutputPath("data/alpaca")
+    data_file: Optional[Path] = None
+    test_split_size: int = 2000
+
+
+def main(settings: PrepareAlpaca) -> None:
+    tokenizer = load_tokenizer(settings.checkpoint_dir, settings.tokenizer_path)
+    data_file = local_or_downloaded(settings.data_file, DATA_URL, settings.destination_path)
+    prepare_with(settings, load_records(data_file), tokenizer, source=str(data_file))
 
 
 if __name__ == "__main__":

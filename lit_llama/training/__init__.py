@@ -10,7 +10,7 @@
 
 A finetune script is a dataclass of settings (a FinetuneArgs with its method's options) and `finetune(LORA, ...)`.
 """
-from lit_llama.training.args import EvalArgs, FinetuneArgs, TrainArgs, adapter_recipe
+from lit_llama.training.args import AdapterFinetuneArgs, EvalArgs, FinetuneArgs, TrainArgs, adapter_recipe
 from lit_llama.training.run import finetune
 
-__all__ = ["EvalArgs", "FinetuneArgs", "TrainArgs", "adapter_recipe", "finetune"]
+__all__ = ["AdapterFinetuneArgs", "EvalArgs", "FinetuneArgs", "TrainArgs", "adapter_recipe", "finetune"]

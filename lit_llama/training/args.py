@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from lit_llama.adapter import AdapterArgs
 from lit_llama.cli import OutputPath
 from lit_llama.errors import UserError
 
@@ -127,3 +128,15 @@ def adapter_recipe() -> TrainArgs:
     """LLaMA-Adapter's recipe (v1 and v2): a high learning rate warmed up over about two epochs of Alpaca (52k
     samples), less often evaluated and saved than LoRA."""
     return TrainArgs(learning_rate=9e-3, batch_size=64, weight_decay=0.02, warmup_steps=1600, save_interval=1000)
+
+
+@dataclass
+class AdapterFinetuneArgs(FinetuneArgs):
+    """The settings of the LLaMA-Adapter finetunes (v1 and v2), with the adapter recipe for the training settings.
+
+    Args:
+        adapter: Prompt length and first adapted layer.
+    """
+
+    adapter: AdapterArgs = field(default_factory=AdapterArgs)
+    train: TrainArgs = field(default_factory=adapter_recipe)

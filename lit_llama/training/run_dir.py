@@ -1,14 +1,13 @@
 """Keeping a run's --out_dir safe: one run at a time (a lock held while the run lives), no fresh run over an
 earlier one, no resume with settings other than the run's own, and no temporary file left by a killed save."""
 import fcntl
-import json
 import os
 import sys
 from pathlib import Path
 from typing import IO, Optional
 
 from lit_llama.errors import UserError
-from lit_llama.files import TEMPORARY_SUFFIX
+from lit_llama.files import TEMPORARY_SUFFIX, read_json_object
 from lit_llama.finetuned import FINETUNE_CONFIG_NAME
 from lit_llama.training.resume import find_resume
 
@@ -81,12 +80,9 @@ def earlier_run(out_dir: Path, final_name: str) -> Optional[str]:
 
 def read_record(path: Path) -> dict:
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
-        raise UserError(f"cannot resume: {path} is not valid JSON ({error})") from None
-    if not isinstance(record, dict):
-        raise UserError(f"cannot resume: {path} holds a JSON {type(record).__name__}, not the run's settings")
-    return record
+        return read_json_object(path)
+    except UserError as error:
+        raise UserError(f"cannot resume: {error}") from None
 
 
 def check_same_settings(before: dict, now: dict, source: Path) -> None:
