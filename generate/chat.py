@@ -19,7 +19,7 @@ from lit_llama.checkpoint import load
 from lit_llama.cli import run_cli
 from lit_llama.errors import UserError
 from lit_llama.finetuned import load_finetuned
-from lit_llama.generation import setup_runtime
+from lit_llama.generation import SamplingArgs, setup_runtime
 from lit_llama.prompts import resolve_prompt_style
 
 
@@ -59,8 +59,11 @@ class ChatArgs:
 def main(settings: ChatArgs) -> None:
     if settings.checkpoint_path is None and settings.finetuned_path is None:
         raise UserError("give --checkpoint_path (a base or merged model) or --finetuned_path (a finetune)")
-    if settings.max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens must be at least 1, got {settings.max_new_tokens}")
+    # the same checks as every generate script's, before the model loads
+    SamplingArgs(max_new_tokens=settings.max_new_tokens, top_k=settings.top_k, top_p=settings.top_p,
+                 temperature=settings.temperature)
+    if settings.context_length is not None and settings.context_length < 2:
+        raise UserError(f"--context_length must be at least 2 (a prompt and a reply), got {settings.context_length}")
     runtime = setup_runtime(settings.precision, settings.seed)
     style_name = settings.prompt_style
     if settings.finetuned_path is not None:

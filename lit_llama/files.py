@@ -140,3 +140,18 @@ def read_json_object(path: Union[str, Path]) -> dict:
     if not isinstance(value, dict):
         raise UserError(f"{path} holds a JSON {type(value).__name__}, expected an object")
     return value
+
+
+def check_can_write(path: Path, flag: str) -> None:
+    """Before long work, without creating anything: `path` is not a directory and the nearest existing folder above
+    it is a writable directory (the rest is created when the result is written). `flag` names the option."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory: name a file in it")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write {flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {flag} {path}: {existing} is not writable")

@@ -2,13 +2,12 @@
 or any finetune, scored by the harness's own task definitions with our batching and KV cache. Needs
 `pip install -e ".[harness]"`; see howto/evaluate.md."""
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from lit_llama.cli import run_cli
 from lit_llama.errors import UserError
-from lit_llama.files import save_json
+from lit_llama.files import check_can_write, save_json
 
 DEFAULT_CHECKPOINT = Path("checkpoints/smollm2-135m-instruct/lit-llama.pth")
 
@@ -49,7 +48,7 @@ def main(
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     if not names:
         raise UserError("--tasks names no task")
-    check_writable(output_json)  # before the long work, not after it
+    check_can_write(output_json, "--output_json")  # before the long work, not after it
     if batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {batch_size}")
     if limit is not None and limit <= 0:
@@ -68,14 +67,6 @@ def main(
     print(f"-> {output_json}", file=sys.stderr)
     return results
 
-
-def check_writable(path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as error:
-        raise UserError(f"cannot write --output_json {path}: {error.strerror}") from None
 
 
 if __name__ == "__main__":

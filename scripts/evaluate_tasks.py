@@ -3,7 +3,6 @@
 Works for a base checkpoint (`--checkpoint_path` alone) and for LoRA, adapter and full finetunes
 (`--finetuned_path`, whose finetune_config.json names the method and its settings).
 """
-import os
 import sys
 import time
 from collections import defaultdict
@@ -14,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from lit_llama.checkpoint import load
-from lit_llama.files import read_json_object, save_json
+from lit_llama.files import check_can_write, read_json_object, save_json
 from lit_llama.data import load_records, parse_json, parse_jsonl
 from lit_llama.cli import OutputPath, run_cli
 from lit_llama.finetuned import load_finetuned
@@ -63,7 +62,7 @@ def main(
     for flag, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("max_records", max_records)):
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be at least 1, got {value}")
-    check_writable(output_json)  # before the long work, not after it
+    check_can_write(output_json, "--output_json")  # before the long work, not after it
     records = evaluation_records(data_file or data_dir / "test.json")[:max_records]
     dtype = weights_dtype(resolve_precision(precision))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -156,19 +155,6 @@ def is_conversation_file(path: Path) -> bool:
     rows = parse_json(text, path) if path.suffix.lower() == ".json" else parse_jsonl(text, path)
     return bool(rows) and isinstance(rows[0], dict) and ("messages" in rows[0] or "conversations" in rows[0])
 
-
-def check_writable(path: Path) -> None:
-    """Before the long work, without creating anything: the nearest existing folder above `path` must be a
-    writable directory (the rest is created when the scores are written)."""
-    if path.is_dir():
-        raise UserError(f"--output_json {path} is a directory: name a file in it")
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"cannot write --output_json {path}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write --output_json {path}: {existing} is not writable")
 
 
 def dataset_prompt_style(data_dir: Path, data_file: Optional[Path]) -> Optional[str]:

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from lit_llama.errors import UserError
 from lit_llama.cli import run_cli
 from lit_llama.generation import setup_runtime
 from lit_llama.serving import build_app, parse_adapters
@@ -53,6 +54,12 @@ class ServeArgs:
 def main(settings: ServeArgs) -> None:
     import uvicorn
 
+    if not 0 <= settings.port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {settings.port}")
+    for name in ("max_batch_size", "context_length", "max_tokens"):
+        value = getattr(settings, name)
+        if value is not None and value < (2 if name == "context_length" else 1):
+            raise UserError(f"--{name} must be at least {2 if name == 'context_length' else 1}, got {value}")
     runtime = setup_runtime(settings.precision)
     app, _ = build_app(
         settings.checkpoint_path, parse_adapters(settings.lora), settings.base_name, settings.prompt_style,

@@ -530,6 +530,15 @@ class Case:
     subprocess: bool = False
 
 
+def bad_adapter_dir(tmp: Path) -> Path:
+    """A PEFT adapter folder whose adapter_config.json is not JSON."""
+    directory = tmp / "adapter"
+    directory.mkdir(exist_ok=True)
+    (directory / "adapter_config.json").write_text("{r: 8,")
+    (directory / "adapter_model.safetensors").write_bytes(b"")
+    return directory
+
+
 def yaml_config(text: str) -> Callable[[World, Path], Path]:
     def make(world: World, tmp: Path) -> Path:
         (tmp / "config.yaml").write_text(text)
@@ -786,6 +795,39 @@ def cases() -> list[Case]:
         add(f"peft-finetuned-{name}", "scripts/convert_lora_to_peft.py",
             lambda w, t, n=name: ["--finetuned_path", finetuned_copy(n)(w, t), "--checkpoint_path", w.base,
                                   "--output_dir", t / "dest"])
+
+    # chat, serving, GGUF export, PEFT import, the harness: refused before they start a session, a server or a write
+    for name, flags in {"checkpoint-missing": ["--checkpoint_path", "nowhere/lit-llama.pth"],
+                        "finetuned-missing": ["--finetuned_path", "nowhere.pth"],
+                        "max_new_tokens-0": ["--max_new_tokens", 0], "temperature-negative": ["--temperature", -1],
+                        "top_p-0": ["--top_p", 0], "context_length-0": ["--context_length", 0],
+                        "precision-unknown": ["--precision", "fp8-magic"]}.items():
+        base = [] if "checkpoint" in name or "finetuned" in name else ["--checkpoint_path", "BASE"]
+        add(f"chat-{name}", "generate/chat.py",
+            lambda w, t, f=flags, b=base: [w.base if x == "BASE" else x for x in b] + f)
+    for name, flags in {"checkpoint-missing": ["--checkpoint_path", "nowhere/lit-llama.pth"],
+                        "lora-without-name": ["--lora", "[just-a-path]"],
+                        "lora-missing": ["--lora", "[mine=nowhere.pth]"], "max_batch_size-0": ["--max_batch_size", 0],
+                        "context_length-0": ["--context_length", 0], "port-negative": ["--port", -5]}.items():
+        base = [] if name == "checkpoint-missing" else ["--checkpoint_path", "BASE"]
+        add(f"serve-{name}", "scripts/serve.py",
+            lambda w, t, f=flags, b=base: [w.base if x == "BASE" else x for x in b] + f)
+    for name, flags in {"checkpoint-missing": ["--checkpoint_path", "nowhere/lit-llama.pth"],
+                        "outtype-unknown": ["--checkpoint_path", "BASE", "--outtype", "q3_x"],
+                        "outtype-k-quant": ["--checkpoint_path", "BASE", "--outtype", "q4_k"],
+                        "finetuned-missing": ["--finetuned_path", "nowhere.pth"]}.items():
+        add(f"to_gguf-{name}", "scripts/convert_to_gguf.py",
+            lambda w, t, f=flags: [w.base if x == "BASE" else x for x in f] + ["--output_path", t / "dest" / "m.gguf"])
+    add("peft_to_lora-adapter-missing", "scripts/convert_peft_to_lora.py",
+        lambda w, t: ["--adapter_dir", t / "nowhere", "--checkpoint_path", w.base, "--output_dir", t / "dest"])
+    add("peft_to_lora-config-not-json", "scripts/convert_peft_to_lora.py",
+        lambda w, t: ["--adapter_dir", bad_adapter_dir(t), "--checkpoint_path", w.base, "--output_dir", t / "dest"])
+    for name, flags in {"checkpoint-missing": ["--checkpoint_path", "nowhere/lit-llama.pth"],
+                        "include_path-missing": ["--include_path", "nowhere", "--checkpoint_path", "BASE"],
+                        "batch_size-0": ["--batch_size", 0, "--checkpoint_path", "BASE"]}.items():
+        add(f"harness-{name}", "scripts/evaluate_harness.py",
+            lambda w, t, f=flags: ["--tasks", "mine"] + [w.base if x == "BASE" else x for x in f]
+            + ["--output_json", t / "dest" / "eval.json"])
 
     # quickstart: its own settings are checked before it starts any step
     for name, flags in {"num_records-0": ["--num_records", 0], "batch_size-0": ["--batch_size", 0],

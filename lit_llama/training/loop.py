@@ -50,7 +50,9 @@ def fit(fabric: Fabric, model, data: PreparedData, run: Run, train: TrainArgs, e
     label_tokens = [int((sample["labels"][1:] != IGNORE_INDEX).sum()) for sample in data.train]
     steps_per_epoch = len(data.train) // train.micro_batch_size // micro_per_step
     if steps_per_epoch == 0:
-        raise UserError(f"the training set ({len(data.train)} samples) is smaller than --train.batch_size {train.batch_size}")
+        raise UserError(
+            f"the training set ({len(data.train)} samples) is smaller than --train.batch_size {train.batch_size}"
+        )
     total_steps = min(train.max_steps or math.inf, train.epochs * steps_per_epoch)
     vocab_size = model.config.vocab_size
     # gradients of LoRA/adapter weights are tiny: sync them once per step. Full finetuning syncs every micro-batch so

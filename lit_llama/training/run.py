@@ -24,7 +24,9 @@ def finetune(method: Method, options, settings: FinetuneArgs) -> None:
     precision = resolve_precision(settings.precision, mixed=method.trains_base_weights)
     data = load_data(settings.data_dir, settings.checkpoint_path)
     fabric = setup_fabric(settings.devices, settings.num_nodes, precision, out_dir, settings.logger)
-    model, record = load_model(fabric, settings.checkpoint_path, method, options, precision, data, train, settings.quantize)
+    model, record = load_model(
+        fabric, settings.checkpoint_path, method, options, precision, data, train, settings.quantize
+    )
     record |= {"data_dir": str(settings.data_dir), "precision": precision}
     lock, problem = None, None
     if fabric.global_rank == 0:  # one process owns the directory; every process learns whether it may go on

@@ -31,7 +31,8 @@ def claim(out_dir: Path, resume: Optional[str], record: dict, final_name: str) -
         lock.seek(0)
         owner = lock.read().strip() or "unknown"
         lock.close()
-        raise UserError(f"another run (pid {owner}) is using --out_dir {out_dir}: wait for it or choose another") from None
+        message = f"another run (pid {owner}) is using --out_dir {out_dir}: wait for it or choose another"
+        raise UserError(message) from None
     lock.seek(0)
     lock.truncate()
     lock.write(str(os.getpid()))
