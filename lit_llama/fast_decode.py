@@ -8,10 +8,11 @@ A decode step of one sequence reads every weight once to multiply it by one vect
 faster: `torch.mv` (torch's matrix-vector kernel, faster there than the matrix-matrix kernel F.linear picks for one
 row); each block's q, k, v weights (and gate, up) packed back to back in one block of memory, each weight a view of
 its rows, so one product reads them instead of several small ones; and no per-layer module calls, attribute lookups
-and batch and head bookkeeping between weight reads. `LLaMA.forward` knows nothing of this: generation builds the
-step and calls it (lit_llama/generation.py).
+and batch and head bookkeeping between weight reads. Int8 weight-only models (`quantize_for_generation(model, "int8")`)
+take the same step with PyTorch's int8-weight kernel in place of torch.mv: half the bytes read per token.
+`LLaMA.forward` knows nothing of this: generation builds the step and calls it (lit_llama/generation.py).
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -19,36 +20,86 @@ import torch.nn.functional as F
 from torch.nn.modules import module as module_globals
 
 from lit_llama.model import MLP, Block, CausalSelfAttention, LLaMA, RMSNorm, apply_rope, rms_norm
+from lit_llama.quantize import QuantizedLinear, int8_kernel_applies, is_quantized
 
 
-def pack_weights(layers: list[nn.Linear]) -> torch.Tensor:
-    """The layers' weights as one (sum of out_features, in_features) matrix whose rows each weight is a view of.
-    The first call moves the weights into one new block (no memory is added: weights memory-mapped from a checkpoint
-    are copied out of the mapping, whose pages stay behind as reclaimable file cache); later calls find it in place.
+def pack_weights(layers: list[nn.Linear]) -> Union[torch.Tensor, "Int8Matrix"]:
+    """The layers' weights as one (sum of out_features, in_features) matrix whose rows each weight is a view of (for
+    int8 weights, their codes; the scales, a few bytes per row, are copied). The first call moves the weights into
+    one new block (no memory is added: weights memory-mapped from a checkpoint are copied out of the mapping, whose
+    pages stay behind as reclaimable file cache); later calls find it in place.
     Only for frozen weights (`DecodeStep.for_model` checks): a weight an optimizer may hold keeps its storage."""
-    block = packed_weight(layers)
+    weights = [layer.weight for layer in layers]
+    if not is_int8(weights[0]):
+        return _pack_rows(weights, "data")
+    scales = torch.cat([weight.scale.reshape(-1) for weight in weights]).to(weights[0].dtype)
+    return Int8Matrix(_pack_rows(weights, "qdata"), scales)
+
+
+def _pack_rows(owners: list, attribute: str) -> torch.Tensor:
+    """The `attribute` tensors of `owners` (a Parameter's data, an int8 weight's codes) moved back to back into one
+    block, each becoming a view of its rows."""
+    block = packed_rows([getattr(owner, attribute) for owner in owners])
     if block is None:
         with torch.inference_mode(False), torch.no_grad():  # a weight must not become an inference-only tensor
-            block = torch.cat([layer.weight for layer in layers])
-            for layer, rows in zip(layers, block.split([layer.out_features for layer in layers])):
-                layer.weight.data = rows
-        block = packed_weight(layers)
+            tensors = [getattr(owner, attribute) for owner in owners]
+            block = torch.cat(tensors)
+            for owner, rows in zip(owners, block.split([tensor.size(0) for tensor in tensors])):
+                setattr(owner, attribute, rows)
+        block = packed_rows([getattr(owner, attribute) for owner in owners])
     return block
 
 
 def packed_weight(layers: list[nn.Linear]) -> Optional[torch.Tensor]:
-    """The layers' weights as one matrix if they lie back to back in one block, else None (as they do again once a
-    weight is replaced: LoRA merged, the model cast to another dtype)."""
-    first = layers[0].weight
+    """The layers' weights (or int8 codes) as one matrix if they lie back to back in one block, else None (as they
+    do again once a weight is replaced: LoRA merged, the model cast to another dtype)."""
+    weights = [layer.weight for layer in layers]
+    return packed_rows([weight.qdata if is_int8(weight) else weight for weight in weights])
+
+
+def packed_rows(tensors: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    first = tensors[0]
     storage, address = first.untyped_storage().data_ptr(), first.data_ptr()
-    for layer in layers:
-        weight = layer.weight
-        same_block = weight.untyped_storage().data_ptr() == storage and weight.data_ptr() == address
-        if not same_block or not weight.is_contiguous() or weight.dtype != first.dtype:
+    for tensor in tensors:
+        same_block = tensor.untyped_storage().data_ptr() == storage and tensor.data_ptr() == address
+        if not same_block or not tensor.is_contiguous() or tensor.dtype != first.dtype:
             return None
-        address += weight.numel() * weight.element_size()
-    rows = sum(layer.out_features for layer in layers)
+        address += tensor.numel() * tensor.element_size()
+    rows = sum(tensor.size(0) for tensor in tensors)
     return first.detach().as_strided((rows, first.size(1)), (first.size(1), 1))
+
+
+class Int8Matrix(NamedTuple):
+    """An int8 weight-only matrix (`quantize_for_generation(model, "int8")`): codes and one scale per row."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+
+def is_int8(weight: torch.Tensor) -> bool:
+    return is_quantized(weight) and int8_kernel_applies(weight)
+
+
+def matrix(layer: Union[nn.Linear, nn.Embedding]) -> Union[torch.Tensor, Int8Matrix]:
+    weight = layer.weight
+    if is_int8(weight):
+        return Int8Matrix(weight.qdata, weight.scale.reshape(-1).to(weight.dtype))
+    return weight.detach()
+
+
+def embedding_row(weight: Union[torch.Tensor, Int8Matrix], index: int) -> torch.Tensor:
+    if type(weight) is Int8Matrix:
+        return weight.codes[index].to(weight.scales.dtype) * weight.scales[index]
+    return weight[index]
+
+
+def matvec(weight: Union[torch.Tensor, Int8Matrix], x: torch.Tensor, bias: Optional[torch.Tensor] = None):
+    """weight @ x (+ bias) for one vector x: torch.mv, or for int8 PyTorch's CPU kernel that multiplies by the
+    int8 codes as they are (reading half the bytes of bf16)."""
+    if type(weight) is Int8Matrix:
+        y = torch._weight_int8pack_mm(x.unsqueeze(0), weight.codes, weight.scales).view(-1)
+        return y if bias is None else y + bias
+    return torch.mv(weight, x) if bias is None else torch.addmv(bias, weight, x)
 
 
 class DecodeLayer(NamedTuple):
@@ -56,32 +107,35 @@ class DecodeLayer(NamedTuple):
     q/k/v biases and q/k norm weights of models that have them)."""
 
     norm_1: torch.Tensor
-    qkv: torch.Tensor
+    qkv: Union[torch.Tensor, Int8Matrix]
     qkv_bias: Optional[torch.Tensor]
     q_norm: Optional[torch.Tensor]
     k_norm: Optional[torch.Tensor]
-    o_proj: torch.Tensor
+    o_proj: Union[torch.Tensor, Int8Matrix]
     norm_2: torch.Tensor
-    gate_up: torch.Tensor
-    down_proj: torch.Tensor
+    gate_up: Union[torch.Tensor, Int8Matrix]
+    down_proj: Union[torch.Tensor, Int8Matrix]
     k_cache: torch.Tensor
     v_cache: torch.Tensor
 
 
 def is_plain_linear(layer, bias: bool = False) -> bool:
-    return type(layer) is nn.Linear and (layer.bias is not None) == bias
+    """An nn.Linear, or a linear layer whose weight is int8 weight-only (`quantize_for_generation`)."""
+    plain = type(layer) is nn.Linear and not is_quantized(layer.weight)
+    int8 = type(layer) is QuantizedLinear and is_int8(layer.weight) and layer.weight.device.type == "cpu"
+    return (plain or int8) and (layer.bias is not None) == bias
 
 
 def applies_to(model) -> bool:
-    """Whether the step computes what `model(token, input_pos=position)` would: a plain LLaMA of plain layers (no
-    LoRA, adapters or hooks, which the step would skip; not compiled or wrapped), no weight requiring gradients (so
-    packing never moves a trainable weight), plain CPU tensors (not sharded), a KV cache for one sequence, and
-    neither compiling nor autocast. Biases only where the config puts them (q, k, v: a merged adapter-v2 model has
+    """Whether the step computes what `model(token, input_pos=position)` would: a plain LLaMA of plain (or int8
+    weight-only) layers (no LoRA, adapters or hooks, which the step would skip; not compiled or wrapped), no weight
+    requiring gradients (so packing never moves a trainable weight), plain CPU tensors (not sharded; int8 ones the
+    kernel takes), a KV cache for one sequence, and neither compiling nor autocast. Biases only where the config puts them (q, k, v: a merged adapter-v2 model has
     them everywhere and takes the module path); q/k norms and a sliding window the step computes too."""
     if type(model) is not LLaMA or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
-    if any(param.requires_grad or type(param.data) is not torch.Tensor or param.device.type != "cpu"
-           for param in model.parameters()):
+    if any(param.requires_grad or (type(param.data) is not torch.Tensor and not is_int8(param))
+           or param.device.type != "cpu" for param in model.parameters()):
         return False
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
         return False
@@ -125,19 +179,19 @@ class DecodeStep:
                 if config.attention_bias else None,
                 block.attn.q_norm.weight.detach() if config.qk_norm else None,
                 block.attn.k_norm.weight.detach() if config.qk_norm else None,
-                block.attn.o_proj.weight.detach(),
+                matrix(block.attn.o_proj),
                 block.norm_2.weight.detach(),
                 pack_weights([block.mlp.gate_proj, block.mlp.up_proj]),
-                block.mlp.down_proj.weight.detach(),
+                matrix(block.mlp.down_proj),
                 block.attn.kv_cache.k,
                 block.attn.kv_cache.v,
             )
             for block in model.transformer.h
         ]
-        self.wte = model.transformer.wte.weight.detach()
+        self.wte = matrix(model.transformer.wte)
         self.ln_f = model.transformer.ln_f.weight.detach()
-        self.lm_head = self.wte if model.lm_head is None else model.lm_head.weight.detach()
-        self.cos, self.sin = model.rope_tables(self.wte.device)
+        self.lm_head = self.wte if model.lm_head is None else matrix(model.lm_head)
+        self.cos, self.sin = model.rope_tables(model.transformer.wte.weight.device)
 
     @classmethod
     def for_model(cls, model) -> Optional["DecodeStep"]:
@@ -147,12 +201,12 @@ class DecodeStep:
     def __call__(self, idx: torch.Tensor, position: int) -> torch.Tensor:
         """Logits (1, 1, padded_vocab_size) for token idx (1, 1) at `position`, its key and value cached."""
         n_head, n_query_groups, hs = self.n_head, self.n_query_groups, self.head_size
-        x = self.wte[int(idx)]
+        x = embedding_row(self.wte, int(idx))
         cos, sin = self.cos[position].to(x.dtype), self.sin[position].to(x.dtype)
         first = 0 if self.window is None else max(0, position + 1 - self.window)  # the oldest key in the window
         for layer in self.layers:
             h = rms_norm(x, layer.norm_1, self.eps)
-            heads = torch.mv(layer.qkv, h) if layer.qkv_bias is None else torch.addmv(layer.qkv_bias, layer.qkv, h)
+            heads = matvec(layer.qkv, h, layer.qkv_bias)
             heads = heads.view(n_head + 2 * n_query_groups, hs)
             qk = heads[: n_head + n_query_groups]
             if layer.q_norm is not None:
@@ -164,7 +218,7 @@ class DecodeStep:
             k, v = layer.k_cache[:, :, first : position + 1], layer.v_cache[:, :, first : position + 1]
             q = qk[:n_head].view(1, n_head, 1, hs)
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=n_query_groups != n_head)
-            x = x + torch.mv(layer.o_proj, y.view(-1))
-            gate, up = torch.mv(layer.gate_up, rms_norm(x, layer.norm_2, self.eps)).chunk(2)
-            x = x + torch.mv(layer.down_proj, F.silu(gate) * up)
-        return torch.mv(self.lm_head, rms_norm(x, self.ln_f, self.eps)).view(1, 1, -1)
+            x = x + matvec(layer.o_proj, y.view(-1))
+            gate, up = matvec(layer.gate_up, rms_norm(x, layer.norm_2, self.eps)).chunk(2)
+            x = x + matvec(layer.down_proj, F.silu(gate) * up)
+        return matvec(self.lm_head, rms_norm(x, self.ln_f, self.eps)).view(1, 1, -1)

@@ -117,7 +117,7 @@ class _FrozenQuantizedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        if _int8_kernel_applies(x, weight):
+        if x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu" and int8_kernel_applies(weight):
             rows = x.reshape(-1, x.size(-1)).contiguous()
             y = torch._weight_int8pack_mm(rows, weight.qdata, weight.scale.view(-1).to(x.dtype))
             y = y.view(*x.shape[:-1], -1)
@@ -131,14 +131,15 @@ class _FrozenQuantizedLinear(torch.autograd.Function):
         return grad @ dequantize(weight, grad.dtype), None, grad_bias
 
 
-def _int8_kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """PyTorch's CPU kernel for bf16/fp32 activations times int8 weights with a scale per row reads the int8 weight
-    directly (1.5-1.9x a bf16 matrix-vector product, BENCHMARKS.md), where dequantizing first reads it three times.
-    It takes inputs in multiples of 16 only (in torch 2.13 other widths fail, 172 crashes the process)."""
+def int8_kernel_applies(weight: torch.Tensor) -> bool:
+    """Whether PyTorch's CPU kernel for bf16/fp32 activations times int8 weights with a scale per row takes `weight`:
+    it reads the int8 weight directly (1.3-2x a bf16 matrix-vector product, BENCHMARKS.md), where dequantizing first
+    reads it three times. It takes inputs in multiples of 16 only (in torch 2.13 other widths fail, 172 crashes the
+    process)."""
     ao, _, _, _ = _torchao()
     return (
-        isinstance(weight, ao.Int8Tensor) and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
-        and weight.scale.numel() == weight.size(0) and weight.act_quant_kwargs is None and weight.size(1) % 16 == 0
+        isinstance(weight, ao.Int8Tensor) and weight.scale.numel() == weight.size(0)
+        and weight.act_quant_kwargs is None and weight.size(1) % 16 == 0
     )
 
 
@@ -213,7 +214,10 @@ def quantize_weight(weight: torch.Tensor, mode: str, name: str = "weight", shard
     return nn.Parameter(quantized, requires_grad=False)
 
 
-def _quantize_linears(model: nn.Module, names: list[str], mode: str, device, shards: int = 1) -> None:
+def quantize_linears(
+    model: nn.Module, names: list[str], mode: str, device: Optional[torch.device] = None, shards: int = 1
+) -> None:
+    """Quantize the weights of the linear layers `names` of `model` in place (see `quantize_frozen`)."""
     from lit_llama.adapter_v2 import AdapterV2Linear
     from lit_llama.lora import LoRALinear
 
@@ -255,7 +259,7 @@ def quantize_frozen(
             f"--quantize {mode} needs frozen base weights, but {training[0]} trains (a full finetune, or the base "
             "not frozen yet): quantize lora, adapter or adapter_v2 runs after marking their parameters trainable"
         )
-    _quantize_linears(model, names, mode, device, shards)
+    quantize_linears(model, names, mode, device, shards)
     return model
 
 
@@ -299,7 +303,9 @@ def merge_into_dequantized(model: nn.Module, dtype: Optional[torch.dtype] = torc
 
 def quantize_for_generation(model: nn.Module, mode: str) -> nn.Module:
     """Weight-only quantization of a plain model loaded from a bf16 (or fp32) checkpoint, in place: the block linear
-    layers and an untied output head (a tied head is the embedding table and stays as it is). Int8 runs PyTorch's
+    layers and an untied output head. A tied head is the embedding table and stays as it is: quantizing it to int8
+    made greedy decoding of SmolLM2-135M leave bf16's tokens after 8 of 256, and the int8 kernel reads a tall
+    matrix little faster than bf16 (BENCHMARKS.md). Int8 runs PyTorch's
     int8 weight kernel on a CPU; int4 torchao's CPU kernel (_weight_int4pack_mm_for_cpu), CPU only in torchao 0.18:
     its CUDA int4 layouts need the separate mslk package."""
     check_generation_mode(mode)
@@ -310,7 +316,7 @@ def quantize_for_generation(model: nn.Module, mode: str) -> nn.Module:
         raise UserError("--quantize int4 runs on a CPU only (torchao's GPU int4 kernels need the mslk package): "
                         "use int8 on a GPU")
     with torch.no_grad():
-        _quantize_linears(model, names, mode, device=None)
+        quantize_linears(model, names, mode, device=None)
     return model
 
 

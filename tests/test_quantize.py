@@ -276,3 +276,29 @@ def test_bad_quantization_requests_are_one_line_errors():
         quantize_frozen(tiny(), "nf4")  # nothing frozen: a full finetune's model
     with pytest.raises(UserError, match="unknown --quantize 'int4'"):
         quantize_frozen(tiny(), "int4")
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_int8_models_decode_through_the_fast_step_with_the_module_paths_numbers(tie_embeddings):
+    from lit_llama.fast_decode import DecodeStep, packed_weight
+
+    model = quantize_for_generation(tiny(seed=3, tie_embeddings=tie_embeddings), "int8").requires_grad_(False)
+    reference = quantize_for_generation(tiny(seed=3, tie_embeddings=tie_embeddings), "int8").requires_grad_(False)
+    for m in (model, reference):
+        m.setup_kv_cache(batch_size=1, max_seq_length=16)
+    step = DecodeStep.for_model(model)
+    assert step is not None
+    attn = model.transformer.h[0].attn
+    codes = attn.q_proj.weight.qdata
+    assert packed_weight([attn.q_proj, attn.k_proj, attn.v_proj]).data_ptr() == codes.data_ptr()  # moved, not copied
+    prompt = tokens(1, 6, seed=4)
+    with torch.inference_mode():
+        for m in (model, reference):
+            m(prompt, input_pos=0)
+        for position, token in enumerate([5, 17, 300, 2], start=6):
+            idx = torch.tensor([[token]])
+            assert_close(step(idx, position).float(), reference(idx, input_pos=position).float(), ulps=BF16_ULPS)
+    # int4's kernel has no matrix-vector form here: generation keeps the module path
+    int4 = quantize_for_generation(tiny(seed=3), "int4").requires_grad_(False)
+    int4.setup_kv_cache(batch_size=1, max_seq_length=16)
+    assert DecodeStep.for_model(int4) is None
