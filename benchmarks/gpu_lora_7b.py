@@ -12,6 +12,7 @@ also get their weight gradient (6 per parameter). Attention: QK^T and PV are 4*T
 halved by the causal mask, and backward costs twice the forward.
 
     python benchmarks/gpu_lora_7b.py                              # on a CUDA machine
+    python benchmarks/gpu_lora_7b.py --quantize nf4 --compile false   # QLoRA: the same workload over an NF4 base
     python benchmarks/gpu_lora_7b.py --config_name tiny --device cpu --compile false   # smoke test anywhere
 """
 import json
@@ -19,6 +20,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -27,6 +29,7 @@ from lit_llama.errors import UserError
 from lit_llama.generation import generate
 from lit_llama.method import merge
 from lit_llama.model import Config
+from lit_llama.quantize import check_training_mode, merge_into_dequantized
 
 sys.path.insert(0, str(Path(__file__).parent))
 from memory_7b import random_lora_model, train_step  # noqa: E402
@@ -101,6 +104,7 @@ def main(
     prompt_length: int = 16,
     new_tokens: int = 128,
     compile: bool = True,
+    quantize: Optional[str] = None,
 ) -> None:
     """Train a few LoRA steps and generate with a random-weight model; print the numbers (and one JSON line).
 
@@ -117,20 +121,23 @@ def main(
         prompt_length: Prompt tokens for the generation benchmark.
         new_tokens: Tokens to generate.
         compile: Also measure generation with the model torch.compile'd (as generate/base.py --compile does).
+        quantize: QLoRA: the frozen block weights in this lit_llama.quantize training format (nf4, nf4-dq, int8),
+            quantized block by block as they are made; generation then runs the merged, dequantized bf16 model.
     """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("no CUDA device: run on a GPU machine, or smoke-test with --config_name tiny --device cpu")
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
+    check_training_mode(quantize, "lora")
     config = Config.from_name(config_name)
     if max(seq_length, prompt_length + new_tokens) > config.block_size:
         raise UserError(f"--seq_length / prompt + new tokens exceed {config_name}'s block_size {config.block_size}")
     torch.manual_seed(0)
     clock = time.perf_counter()
-    model = random_lora_model(config, lora_r, lora_alpha, device, activation_checkpointing)
+    model = random_lora_model(config, lora_r, lora_alpha, device, activation_checkpointing, quantize)
     results = dict(config=config_name, device=torch.cuda.get_device_name() if device.startswith("cuda") else device,
                    torch=torch.__version__, micro_batch=micro_batch, seq_length=seq_length,
-                   activation_checkpointing=activation_checkpointing, build_seconds=time.perf_counter() - clock)
+                   activation_checkpointing=activation_checkpointing, quantize=quantize, build_seconds=time.perf_counter() - clock)
     model.train()
     results.update(benchmark_training(model, device, micro_batch, seq_length, warmup, steps))
     results["speedup_vs_seed"] = results["micro_steps_per_s"] / SEED_MICRO_STEPS_PER_S
@@ -140,9 +147,7 @@ def main(
           flush=True)
 
     # generation runs the plain bf16 model, as after finetuning: LoRA merged into the weights, no recomputation
-    module = merge(model.module).eval().requires_grad_(False)
-    for block in module.transformer.h:
-        block.__dict__.pop("forward", None)
+    module = (merge_into_dequantized if quantize else merge)(model.module).eval().requires_grad_(False)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     results["generate_eager_tokens_per_s"] = benchmark_generation(module, device, prompt_length, new_tokens)

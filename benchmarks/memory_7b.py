@@ -10,15 +10,13 @@ The memory model: for the parts that depend on tokens it counts the bytes autogr
 
     python benchmarks/memory_7b.py                 # memory model + measured CPU step (needs ~17 GB free RAM)
     python benchmarks/memory_7b.py --measure false # memory model only (needs ~1 GB)
-    python benchmarks/memory_7b.py --config_name Llama-3.1-8B --measure false --quantize nf4-dq   # QLoRA's base
+    python benchmarks/memory_7b.py --config_name Llama-3.1-8B --quantize nf4-dq   # QLoRA's base (~7 GB free RAM)
 
 With --quantize the block linear weights are counted in that format (lit_llama.quantize.bits_per_weight; the
 embedding, head and norms stay bf16) plus the largest block matrix dequantized at once inside its layer's forward.
 Saved activations are the bf16 model's: a quantized layer saves its input and its quantized weight, as a bf16 layer
-saves its input and (already counted) weight. No measured step for a quantized base here: quantizing an 8B on this
-CPU with torchao's pure-PyTorch NF4 takes the whole bf16 model plus ~80 MB of transients per matrix, and the step
-dequantizes every matrix three times (forward, recompute, backward); see benchmarks/quantize_cpu.py for the
-SmolLM2-135M measurement.
+saves its input and (already counted) weight. The measured step quantizes each block as it is made (the bf16 model
+never exists whole) and dequantizes every matrix in forward and again in backward (and in the recomputation).
 """
 import json
 import resource
@@ -33,37 +31,52 @@ import torch
 from lit_llama.cli import run_cli
 from lit_llama.errors import UserError
 from lit_llama.lora import LORA, LoRAArgs, add_lora
+from lit_llama.method import reset_method_parameters
 from lit_llama.model import LLaMA, Config
 from lit_llama.training.loop import loss_sum
-from lit_llama.quantize import bits_per_weight, block_linear_names, check_training_mode
+from lit_llama.quantize import bits_per_weight, block_linear_names, check_training_mode, quantize_linears
 
 GiB = 2**30
 
 
 def random_lora_model(
-    config: Config, lora_r: int, lora_alpha: float, device: str, activation_checkpointing: bool
+    config: Config, lora_r: int, lora_alpha: float, device: str, activation_checkpointing: bool,
+    quantize: Optional[str] = None,
 ) -> torch.nn.Module:
     """A LLaMA with random bf16 weights and LoRA on q, v, set up for training as training.load_model sets it up:
-    frozen weights bf16, LoRA A/B fp32, optionally each block recomputed in backward. Wrapped by Fabric like there."""
+    frozen weights bf16, LoRA A/B fp32, optionally each block recomputed in backward. Wrapped by Fabric like there.
+    With `quantize` (nf4, nf4-dq, int8) the block linear weights are quantized block by block as they are made, so
+    the bf16 model never exists whole."""
     from lightning.fabric import Fabric
 
     with torch.device("meta"):
         model = LLaMA(config).to(torch.bfloat16)
-    model.to_empty(device=device)
-    with torch.no_grad():  # cheap random values: uniform_ is a single pass, and no weight is left uninitialised
-        for param in model.parameters():
-            param.uniform_(-0.02, 0.02)
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.fill_(1.0)
     add_lora(model, LoRAArgs(r=lora_r, alpha=lora_alpha, dropout=0.05, targets=["query", "value"]))
     LORA.mark_trainable(model)
+    for part in (model.transformer.wte, model.transformer.ln_f, model.lm_head):
+        if part is not None:
+            materialize_randomly(part, device)
+    for index, block in enumerate(model.transformer.h):
+        materialize_randomly(block, device)
+        if quantize:
+            prefix = f"transformer.h.{index}."
+            quantize_linears(model, [name for name in block_linear_names(model) if name.startswith(prefix)], quantize)
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
     model.activation_checkpointing = activation_checkpointing
     fabric = Fabric(accelerator="cuda" if device.startswith("cuda") else "cpu", devices=1, precision="32-true")
     return fabric.setup_module(model)
+
+
+def materialize_randomly(module: torch.nn.Module, device: str) -> None:
+    """Allocate a meta-device module's tensors on `device`: uniform +-0.02 weights, norms 1, LoRA initialised as it
+    is for training (B = 0). Cheap: uniform_ is a single pass, and no weight is left uninitialised."""
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            param.fill_(1.0) if "norm" in name else param.uniform_(-0.02, 0.02)
+    reset_method_parameters(module)
 
 
 def train_step(model, optimizer, input_ids: torch.Tensor) -> float:
@@ -141,11 +154,12 @@ def predict(m: dict, config: Config, tokens: int, activation_checkpointing: bool
 
 
 def measure_step(
-    config: Config, micro_batch: int, seq_length: int, activation_checkpointing: bool, threads: int
+    config: Config, micro_batch: int, seq_length: int, activation_checkpointing: bool, threads: int,
+    quantize: Optional[str] = None,
 ) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = random_lora_model(config, 8, 16, "cpu", activation_checkpointing)
+    model = random_lora_model(config, 8, 16, "cpu", activation_checkpointing, quantize)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     input_ids = torch.randint(0, config.vocab_size, (micro_batch, seq_length))
@@ -178,23 +192,21 @@ def main(
         config_name: Model config (lit_llama.model.configs).
         micro_batch: Samples in the measured step.
         seq_length: Tokens per sample in the measured step.
-        measure: Build the full model and run the step (about 2 bytes per parameter of RAM: 14 GB for 7B).
+        measure: Build the full model and run the step (about 2 bytes per parameter of RAM: 14 GB for 7B; nf4
+            about 0.55 bytes per block parameter).
         threads: torch threads for the measured step.
         lora_r: LoRA rank (alpha is twice it, as r=8 alpha=16).
         predict_for: micro_batch x seq_length settings to predict the GPU peak for.
         child: Internal: measure one step with activation checkpointing on/off in this process and print JSON.
-        quantize: Model the frozen base in this lit_llama.quantize training format (nf4, nf4-dq, int8); model only.
+        quantize: The frozen base in this lit_llama.quantize training format (nf4, nf4-dq, int8).
     """
     config = Config.from_name(config_name)
     if child is not None:
-        print("RESULT " + json.dumps(measure_step(config, micro_batch, seq_length, child, threads)))
+        print("RESULT " + json.dumps(measure_step(config, micro_batch, seq_length, child, threads, quantize)))
         return
 
     if quantize is not None:
         check_training_mode(quantize, "lora")
-        if measure:
-            raise UserError("--quantize is modelled only here: add --measure false (benchmarks/quantize_cpu.py "
-                            "measures a quantized base on a small model)")
     m = memory_model(config, lora_r, quantize=quantize)
     if quantize:
         print(f"base weights in {quantize}: {m['weight_bytes'] / GiB:.2f} GiB (bf16: {2 * m['n_frozen'] / GiB:.2f}), "
@@ -224,6 +236,7 @@ def main(
     for ac in (False, True):
         command = [sys.executable, __file__, "--config_name", config_name, "--micro_batch", micro_batch,
                    "--seq_length", seq_length, "--threads", threads, "--child", str(ac).lower()]
+        command += ["--quantize", quantize] if quantize else []
         out = subprocess.run([str(c) for c in command], capture_output=True, text=True)
         if out.returncode != 0:
             raise UserError(f"the measuring process failed: {out.stderr.strip().splitlines()[-1:]}")

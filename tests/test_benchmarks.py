@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "benchmarks" / "peers"))
 from common import IGNORE_INDEX, batches  # noqa: E402
 from gpu_lora_7b import step_flops  # noqa: E402
 from lora_training import alpaca_like_samples, summarize  # noqa: E402
-from memory_7b import memory_model, predict, random_lora_model, saved_activation_bytes  # noqa: E402
+from memory_7b import memory_model, predict, random_lora_model, saved_activation_bytes, train_step  # noqa: E402
 
 from lit_llama.model import Config  # noqa: E402
 
@@ -80,16 +80,38 @@ def test_memory_model_counts_saved_activations_per_token():
     assert with_ac["total"] < without["total"] and with_ac["weights"] == without["weights"] == 2 * m["n_frozen"]
 
 
-def test_gpu_benchmark_smoke_on_cpu():
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_gpu_benchmark_smoke_on_cpu(quantize):
     result = run_script(
         "benchmarks/gpu_lora_7b.py", "--config_name", "tiny", "--device", "cpu", "--compile", "false",
         "--seq_length", "32", "--warmup", "1", "--steps", "2", "--new_tokens", "8",
+        *(["--quantize", quantize] if quantize else []),
     )
     assert result.returncode == 0, result.stderr
     line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
     numbers = json.loads(line[len("RESULT ") :])
     assert numbers["tokens_per_s"] > 0 and numbers["mfu"] > 0 and numbers["generate_eager_tokens_per_s"] > 0
-    assert math.isfinite(numbers["loss"]) and numbers["peak_memory_gib"] > 0
+    assert math.isfinite(numbers["loss"]) and numbers["peak_memory_gib"] > 0 and numbers["quantize"] == quantize
+    if quantize is None:
+        return
+    bad = run_script("benchmarks/gpu_lora_7b.py", "--config_name", "tiny", "--device", "cpu", "--quantize", "nf5")
+    assert bad.returncode == 2 and "unknown --quantize 'nf5'" in bad.stderr
+
+
+def test_the_qlora_benchmark_model_is_quantized_block_by_block_and_trains():
+    from lit_llama.quantize import block_linear_names, is_quantized
+
+    model = random_lora_model(Config.from_name("tiny"), 8, 16, "cpu", activation_checkpointing=False, quantize="nf4")
+    names = block_linear_names(model.module)
+    assert names and all(is_quantized(model.module.get_submodule(name).weight) for name in names)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    before = [p.detach().clone() for p in lora]
+    optimizer = torch.optim.AdamW(lora, lr=1e-2)
+    losses = [train_step(model, optimizer, torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
+              for _ in range(2)]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, lora))
 
     too_long = run_script("benchmarks/gpu_lora_7b.py", "--config_name", "tiny", "--device", "cpu", "--seq_length", "500")
     assert too_long.returncode == 2 and too_long.stderr.startswith("error:") and "block_size" in too_long.stderr
