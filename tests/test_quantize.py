@@ -80,6 +80,7 @@ def test_dequantized_nf4_weights_equal_torchaos_reference(mode):
         assert torch.equal(weight.quantized_data, reference.quantized_data)  # the same 4-bit codes
         dequantized = dequantize(weight)
         assert dequantized.dtype == torch.bfloat16
+        assert torch.equal(dequantized, weight.get_original_weight())  # torchao's own dequantization, bit for bit
         if mode == "nf4-dq":
             assert torch.equal(dequantized, reference.get_original_weight())
         else:  # exact absmax scalers: each weight is its code's NF4 level times its block's absmax
