@@ -9,6 +9,11 @@ A B C A B C ... so drifting load on a shared machine hits all of them alike. The
 the peers run in their own venv (see benchmarks/README.md).
 
     python benchmarks/lora_training.py --checkpoint_dir checkpoints/smollm2-135m-instruct --rounds 5
+    python benchmarks/lora_training.py --quantize nf4 --tools '[lit-llama,hf+peft]'   # QLoRA: PEFT over bitsandbytes
+
+With --quantize nf4 both tools train over a frozen NF4 base (lit-llama through torchao, transformers through
+bitsandbytes, the peers' venv needs `pip install torch==2.13.0 bitsandbytes`); litgpt's NF4 path is Lightning's
+bitsandbytes precision plugin, which needs CUDA.
 """
 import json
 import math
@@ -150,6 +155,7 @@ def main(
     peers_python: Path = Path(".venv-peers/bin/python"),
     litgpt_model_name: str = "SmolLM2-135M-Instruct",
     seed: int = 1337,
+    quantize: Optional[str] = None,
 ) -> None:
     """Measure LoRA training tokens/s and peak RSS of each tool, interleaved over several rounds.
 
@@ -167,10 +173,15 @@ def main(
         peers_python: Python of the venv with transformers, peft and litgpt.
         litgpt_model_name: litgpt's name for the architecture (convert_to_litgpt needs it).
         seed: Seed of the workload.
+        quantize: nf4 for QLoRA (lit-llama and hf+peft only).
     """
     unknown = [t for t in tools if t not in RUNNERS]
     if unknown:
         raise UserError(f"unknown tool(s) {', '.join(unknown)}: choose from {', '.join(RUNNERS)}")
+    if quantize not in (None, "nf4"):
+        raise UserError(f"unknown --quantize {quantize!r}: the tools share only nf4")
+    if quantize and "litgpt" in tools:
+        raise UserError("--quantize nf4 runs lit-llama and hf+peft: litgpt's NF4 needs CUDA (--tools '[lit-llama,hf+peft]')")
     if any(t != "lit-llama" for t in tools) and not peers_python.is_file():
         raise UserError(f"no peers venv at {peers_python}: create it as benchmarks/README.md says")
     config = load_config(weights_path(checkpoint_dir))
@@ -189,7 +200,8 @@ def main(
             python = sys.executable if tool == "lit-llama" else peers_python
             output = run(
                 [python, HERE / "peers" / RUNNERS[tool], "--workload", workload, "--model_dir", model_dirs[tool],
-                 "--warmup", warmup, "--steps", steps, "--micro_batch", micro_batch, "--threads", threads],
+                 "--warmup", warmup, "--steps", steps, "--micro_batch", micro_batch, "--threads", threads]
+                + (["--quantize", quantize] if quantize else []),
                 capture=True,
             )
             result = json.loads(next(l for l in output.splitlines() if l.startswith("RESULT "))[len("RESULT ") :])

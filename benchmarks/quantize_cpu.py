@@ -1,11 +1,15 @@
-"""QLoRA and weight-only generation on this CPU, on random weights of a model's shape (no download):
+"""QLoRA and weight-only generation on this CPU, SmolLM2-135M (the converted checkpoint, or random weights of its
+shape when there is none):
 
-- peak RSS of one LoRA training step with the frozen base in bf16 vs quantized (each in a fresh process, the model
-  built on the meta device and each block weight materialised and quantized one at a time, so it is never whole
-  in bf16);
-- greedy decode tokens/s of bf16 vs int8 and int4 weight-only, and how many of the greedy tokens agree with bf16.
+- peak RSS of one LoRA training step (memory_7b.py's step: LoRA r=8 on q and v, AdamW) with the frozen base in
+  bf16 vs quantized, each in a fresh process; the model is built on the meta device and each block is materialised
+  and quantized as it is made, so it is never whole in bf16. Two workloads: the seed's micro-batch (activations
+  dominate) and a short one with activation checkpointing (the weights dominate). Besides the process's peak RSS,
+  the step's own memory: the peak minus the RSS before the model was built (interpreter, torch, torchao);
+- greedy decode tokens/s of bf16 vs int8 and int4 weight-only, interleaved round by round, and how many of the
+  greedy tokens agree with bf16 (on the real checkpoint).
 
-    python benchmarks/quantize_cpu.py --config_name SmolLM2-135M --rounds 3
+    python benchmarks/quantize_cpu.py --rounds 3
 """
 import json
 import resource
@@ -13,72 +17,85 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from lit_llama.checkpoint import load
 from lit_llama.cli import run_cli
 from lit_llama.generation import generate
-from lit_llama.lora import add_lora, mark_only_lora_as_trainable
 from lit_llama.model import LLaMA, Config
-from lit_llama.quantize import block_linear_names, parameter_bytes, quantize_for_generation, quantize_weight
+from lit_llama.prompts import resolve_prompt_style
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.quantize import parameter_bytes, quantize_for_generation, quantize_weight
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generation import cpu_name, random_model  # noqa: E402
+from memory_7b import random_lora_model, train_step  # noqa: E402
 
 MiB = 2**20
+INSTRUCTION = "Explain how a bicycle works, part by part, for a ten-year-old."
+WORKLOADS = {"4x256": (4, 256, False), "1x128, checkpointing": (1, 128, True)}
 
 
-def random_model(config: Config, quantize: Optional[str], generation: bool = False, seed: int = 0) -> LLaMA:
-    """Random bf16 weights (uniform +-0.02, norms 1); with `quantize`, each block weight quantized as soon as it is
-    written, so the bf16 model never exists whole."""
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = LLaMA(config).to(torch.bfloat16)
-    model.to_empty(device="cpu")  # untouched pages: no RSS until written
-    quantized_names = set(block_linear_names(model)) if quantize else set()
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            for pname, param in module.named_parameters(recurse=False):
-                param.fill_(1.0) if "norm" in name else param.uniform_(-0.02, 0.02)
-            if name in quantized_names and not generation:
-                module.weight = quantize_weight(module.weight, quantize, name)
-    return model
+def rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
-def measure_step(config_name: str, quantize: Optional[str], micro_batch: int, seq_length: int) -> dict:
-    torch.set_num_threads(1)
+def measure_step(config_name: str, quantize: Optional[str], workload: str, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    micro_batch, seq_length, checkpointing = WORKLOADS[workload]
+    if quantize:  # torchao imported before the baseline: a QLoRA process holds it
+        quantize_weight(torch.zeros(64, 64), quantize)
+    baseline = rss()
     config = Config.from_name(config_name)
-    # QLoRA's placement (every block linear) on the same model in both runs, so only the base's format differs
-    model = random_model(config, quantize)
-    add_lora(model, r=8, alpha=16, dropout=0.0, targets=["query", "key", "value", "projection", "mlp"])
-    mark_only_lora_as_trainable(model)
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
+    torch.manual_seed(0)
+    model = random_lora_model(config, 8, 16, "cpu", checkpointing, quantize)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
-    built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    idx = torch.randint(0, config.vocab_size, (micro_batch, seq_length + 1))
+    built = rss()
     start = time.perf_counter()
-    logits = model(idx[:, :-1])
-    loss = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
-    loss.backward()
-    optimizer.step()
+    loss = train_step(model, optimizer, torch.randint(0, config.vocab_size, (micro_batch, seq_length)))
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return dict(built=built, peak=peak, seconds=seconds, bytes=parameter_bytes(model), loss=loss.item())
+    return dict(baseline=baseline, built=built, peak=peak, seconds=seconds, bytes=parameter_bytes(model), loss=loss)
 
 
-def decode(config_name: str, mode: Optional[str], new_tokens: int, rounds: int) -> dict:
-    torch.set_num_threads(1)
-    model = random_model(Config.from_name(config_name), None).eval()
-    if mode:
-        quantize_for_generation(model, mode)
-    prompt = torch.randint(0, model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(1))
-    speeds, tokens = [], None
+def decode(checkpoint_dir: Optional[Path], config_name: str, new_tokens: int, rounds: int, threads: int) -> dict:
+    """Greedy tokens/s of the bf16 model and its int8 and int4 weight-only copies, interleaved round by round, and
+    their tokens."""
+    torch.set_num_threads(threads)
+    real = checkpoint_dir is not None and checkpoint_dir.is_dir()
+
+    def bf16_model() -> LLaMA:
+        if real:
+            return load(checkpoint_dir, "cpu", torch.bfloat16)[0].eval()
+        torch.manual_seed(0)
+        return random_model(config_name).to(torch.bfloat16).eval()
+
+    models = {"bf16": bf16_model(), "int8": quantize_for_generation(bf16_model(), "int8"),
+              "int4": quantize_for_generation(bf16_model(), "int4")}
+    if real:  # a question in the model's chat template: text it was trained on, not noise
+        style = resolve_prompt_style(None, checkpoint_dir)
+        prompt = style.encode_prompt(Tokenizer(checkpoint_dir), style.apply(INSTRUCTION))
+    else:
+        prompt = torch.randint(0, models["bf16"].config.vocab_size, (16,), generator=torch.Generator().manual_seed(1))
+    speeds, tokens = {mode: [] for mode in models}, {}
+    for model in models.values():  # warm-up
+        list(generate(model, prompt, 8, temperature=0.0))
     for _ in range(rounds):
-        start = time.perf_counter()
-        tokens = list(generate(model, prompt, new_tokens, temperature=0.0))
-        speeds.append(len(tokens) / (time.perf_counter() - start))
-    return dict(speeds=speeds, tokens=tokens)
+        for mode, model in models.items():
+            start = time.perf_counter()
+            tokens[mode] = list(generate(model, prompt, new_tokens, temperature=0.0))
+            speeds[mode].append(len(tokens[mode]) / (time.perf_counter() - start))
+    # free-running greedy texts part at the first near-tie and then differ for good; teacher-forced, each model
+    # predicts every position of bf16's text, so each position counts once
+    text = torch.cat([prompt, torch.tensor(tokens["bf16"])])[None]
+    with torch.inference_mode():
+        predictions = {mode: model(text)[0, len(prompt) - 1 : -1].argmax(-1) for mode, model in models.items()}
+    agreement = {mode: (p == predictions["bf16"]).float().mean().item() for mode, p in predictions.items()}
+    return dict(speeds=speeds, tokens=tokens, agreement=agreement,
+                source=str(checkpoint_dir) if real else f"random {config_name}")
 
 
 def child(command: list) -> dict:
@@ -88,44 +105,68 @@ def child(command: list) -> dict:
     return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
+def report_steps(config_name: str, rounds: int, threads: int) -> None:
+    for workload in WORKLOADS:
+        print(f"{config_name}, one LoRA step (r=8 on q, v) of {workload}, {threads} threads, {rounds} rounds, "
+              f"{cpu_name()}")
+        steps = {}
+        for quantize in ("bf16", "nf4", "nf4-dq", "int8"):
+            args = ["--config_name", config_name, "--role", "step", "--workload", workload, "--threads", threads]
+            steps[quantize] = [child(args + ([] if quantize == "bf16" else ["--mode", quantize]))
+                               for _ in range(rounds)]
+            peak = statistics.median(r["peak"] for r in steps[quantize])
+            own = statistics.median(r["peak"] - r["baseline"] for r in steps[quantize])
+            ratio = [round(r["peak"] / b["peak"], 2) for r, b in zip(steps[quantize], steps["bf16"])]
+            own_ratio = [round((r["peak"] - r["baseline"]) / (b["peak"] - b["baseline"]), 2)
+                         for r, b in zip(steps[quantize], steps["bf16"])]
+            first = steps[quantize][0]
+            print(f"  {quantize:6}: peak RSS {peak / MiB:6.0f} MiB (per round / bf16 {ratio}); the step's own "
+                  f"{own / MiB:5.0f} MiB (/ bf16 {own_ratio}); before the model {first['baseline'] / MiB:.0f} MiB, "
+                  f"built {first['built'] / MiB:.0f} MiB; weights: quantized {first['bytes']['quantized'] / MiB:.0f} "
+                  f"MiB, unquantized {first['bytes']['unquantized'] / MiB:.0f} MiB; step "
+                  f"{statistics.median(r['seconds'] for r in steps[quantize]):.2f} s")
+
+
+def report_decode(checkpoint_dir: Path, config_name: str, rounds: int, new_tokens: int, threads: int) -> None:
+    decoded = child(["--checkpoint_dir", checkpoint_dir, "--config_name", config_name, "--role", "decode",
+                     "--rounds", rounds, "--new_tokens", new_tokens, "--threads", threads])
+    speeds, reference = decoded["speeds"], decoded["tokens"]["bf16"]
+    print(f"{decoded['source']}, greedy decode of {new_tokens} tokens after a 16-token prompt, {rounds} interleaved "
+          f"rounds, {threads} threads, {cpu_name()}")
+    for mode, values in speeds.items():
+        tokens = decoded["tokens"][mode]
+        first = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), None)
+        equal = sum(a == b for a, b in zip(tokens, reference))
+        ratios = [round(a / b, 2) for a, b in zip(values, speeds["bf16"])]
+        print(f"  {mode:5}: {statistics.median(values):6.1f} tokens/s (rounds {[round(v, 1) for v in values]}), "
+              f"x{statistics.median(values) / statistics.median(speeds['bf16']):.2f} bf16 (per round {ratios}); "
+              f"{equal}/{len(reference)} tokens equal bf16's, first divergence at {first}; teacher-forced on bf16's "
+              f"text, {decoded['agreement'][mode]:.1%} of the next tokens equal bf16's")
+
+
 def main(
-    config_name: str = "SmolLM2-135M", rounds: int = 3, micro_batch: int = 4, seq_length: int = 256,
-    new_tokens: int = 256, role: Optional[str] = None, mode: Optional[str] = None,
+    checkpoint_dir: Path = Path("checkpoints/smollm2-135m-instruct"), config_name: str = "SmolLM2-135M",
+    rounds: int = 3, new_tokens: int = 256, threads: int = 2, only: Optional[str] = None,
+    role: Optional[str] = None, mode: Optional[str] = None, workload: str = "4x256",
 ) -> None:
     """Args:
-        config_name: model shape (lit_llama.model configs).
-        rounds: training steps (one per fresh process) and decode rounds per format.
-        micro_batch, seq_length: the training step's batch.
-        new_tokens: greedy tokens per decode round.
-        role, mode: internal (a child process's measurement).
+        checkpoint_dir: The converted checkpoint decoding runs (random weights of config_name where it is missing).
+        config_name: The model shape of the training steps (random weights).
+        rounds: Training steps (one per fresh process) per format and workload, and interleaved decode rounds.
+        new_tokens: Greedy tokens per decode round.
+        threads: torch threads.
+        only: "steps" or "decode" to run one half.
+        role, mode, workload: internal (a child process's measurement).
     """
     if role == "step":
-        print("RESULT " + json.dumps(measure_step(config_name, mode, micro_batch, seq_length)))
-        return
-    if role == "decode":
-        print("RESULT " + json.dumps(decode(config_name, mode, new_tokens, rounds)))
-        return
-    print(f"{config_name}, one LoRA step (r=8 on every block linear) of {micro_batch} x {seq_length} tokens, 1 thread")
-    steps = {}
-    for quantize in ("none", "nf4", "nf4-dq", "int8"):
-        args = ["--config_name", config_name, "--role", "step", "--micro_batch", micro_batch, "--seq_length",
-                seq_length] + ([] if quantize == "none" else ["--mode", quantize])
-        steps[quantize] = [child(args) for _ in range(rounds)]
-        peak = statistics.median(r["peak"] for r in steps[quantize])
-        ratio = [r["peak"] / b["peak"] for r, b in zip(steps[quantize], steps["none"])]
-        print(f"  base {quantize:6}: peak RSS {peak / MiB:7.1f} MiB (built {steps[quantize][0]['built'] / MiB:.1f}), "
-              f"step {statistics.median(r['seconds'] for r in steps[quantize]):.2f} s, parameter bytes "
-              f"{steps[quantize][0]['bytes']}, peak / bf16 per round {[round(x, 3) for x in ratio]}")
-    print(f"{config_name}, greedy decode of {new_tokens} tokens after a 16-token prompt, {rounds} rounds, 1 thread")
-    runs = {m: child(["--config_name", config_name, "--role", "decode", "--rounds", rounds, "--new_tokens",
-                      new_tokens] + ([] if m == "bf16" else ["--mode", m])) for m in ("bf16", "int8", "int4")}
-    for m, r in runs.items():
-        reference = runs["bf16"]["tokens"]
-        first = next((i for i, (a, b) in enumerate(zip(r["tokens"], reference)) if a != b), None)
-        equal = sum(a == b for a, b in zip(r["tokens"], reference))
-        print(f"  {m:5}: {statistics.median(r['speeds']):6.1f} tokens/s (rounds {[round(s, 1) for s in r['speeds']]}), "
-              f"x{statistics.median(r['speeds']) / statistics.median(runs['bf16']['speeds']):.2f} bf16; "
-              f"{equal}/{len(reference)} tokens equal bf16's, first divergence at {first}")
+        print("RESULT " + json.dumps(measure_step(config_name, mode, workload, threads)))
+    elif role == "decode":
+        print("RESULT " + json.dumps(decode(checkpoint_dir, config_name, new_tokens, rounds, threads)))
+    else:
+        if only != "decode":
+            report_steps(config_name, rounds, threads)
+        if only != "steps":
+            report_decode(checkpoint_dir, config_name, rounds, new_tokens, threads)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ def runner_arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--lora_dropout", type=float, default=0.05)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads, the same for every tool")
+    parser.add_argument("--quantize", choices=["nf4"], help="QLoRA: the frozen base in NF4 (compute in bf16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(1337)
@@ -91,7 +92,7 @@ def measure(tool: str, train_step: Callable[[dict], float], args: argparse.Names
     seconds = time.perf_counter() - start
     useful = sum(batch["useful_tokens"] for batch in timed)
     result = dict(
-        tool=tool, tokens_per_s=useful / seconds, seconds=seconds, useful_tokens=useful,
+        tool=tool, quantize=args.quantize, tokens_per_s=useful / seconds, seconds=seconds, useful_tokens=useful,
         padded_tokens=sum(batch["inputs"].numel() for batch in timed), steps=args.steps, first_loss=losses[0],
         last_loss=losses[-1], peak_rss_mb=peak_rss_mb(), rss_before_training_mb=rss_before,
         rss_between_steps_mb=max(rss),
