@@ -8,6 +8,11 @@ medians (and min-max) are reported. Also measured: the copy bandwidth of a large
 memory-bandwidth bound of decoding (every weight is read once per token) and how close we get to it.
 
     python benchmarks/generation.py --checkpoint_dir checkpoints/smollm2-135m-instruct --rounds 5 --threads 2
+    python benchmarks/generation.py --quantize int8   # both sides int8 weight-only, through torchao's Int8Tensor
+
+With --quantize int8 lit-llama runs `quantize_for_generation(model, "int8")` and transformers torchao's
+`quantize_(model, Int8WeightOnlyConfig())` on the same block linear layers (the tied head stays bf16 on both sides):
+the same int8 codes and per-row scales, each library's own decoding loop.
 
 Without the converted checkpoint a random-weight SmolLM2-135M is used (same shapes, so the same speed).
 """
@@ -27,7 +32,9 @@ from lit_llama.checkpoint import load
 from lit_llama.cli import run_cli
 from lit_llama.convert import config_to_hf, lit_to_hf_name
 from lit_llama.generation import generate
+from lit_llama.errors import UserError
 from lit_llama.model import LLaMA, Config
+from lit_llama.quantize import parameter_bytes, quantize_for_generation
 
 
 def random_model(name: str) -> LLaMA:
@@ -53,6 +60,14 @@ def hf_model(model: LLaMA):
     hf.generation_config.eos_token_id = None  # make all tokens
     hf.generation_config.pad_token_id = 0
     return hf.to(torch.bfloat16).eval()
+
+
+def quantize_int8_like_ours(hf) -> None:
+    """transformers' model with the block projections int8 weight-only, as `quantize_for_generation` makes ours."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(hf, Int8WeightOnlyConfig(), filter_fn=lambda module, name: ".layers." in name and
+              isinstance(module, torch.nn.Linear))
 
 
 def time_ours(model: LLaMA, prompt: torch.Tensor, new_tokens: int, fast: bool = True) -> tuple[float, list[int]]:
@@ -94,7 +109,7 @@ def cpu_name() -> str:
 def bytes_per_token(model: LLaMA) -> int:
     """Weights read to decode one token: every matrix once (the embedding only by its one looked-up row, but a tied
     head reads it whole), norms included."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = sum(parameter_bytes(model).values())  # quantized weights: their codes and scales
     if model.lm_head is not None:  # an untied embedding table is only indexed
         weight = model.transformer.wte.weight
         total -= weight.numel() * weight.element_size()
@@ -107,6 +122,7 @@ def main(
     new_tokens: int = 256,
     rounds: int = 5,
     threads: int = 2,
+    quantize: Optional[str] = None,
 ) -> None:
     """Benchmark bf16 greedy generation against transformers.
 
@@ -116,6 +132,7 @@ def main(
         new_tokens: Tokens each run must generate.
         rounds: Interleaved rounds (each times both implementations once).
         threads: torch.set_num_threads for both.
+        quantize: "int8": both sides weight-only int8 (torchao's Int8Tensor, one scale per row).
     """
     torch.set_num_threads(threads)
     if checkpoint_dir is not None and checkpoint_dir.is_dir():
@@ -127,6 +144,11 @@ def main(
         source = "random-weight SmolLM2-135M"
     hf = hf_model(model)
     model = model.to(torch.bfloat16).eval()
+    if quantize is not None:
+        if quantize != "int8":
+            raise UserError(f"--quantize {quantize!r}: transformers and lit-llama share int8 (torchao) only")
+        quantize_for_generation(model, "int8")
+        quantize_int8_like_ours(hf)
     prompt = torch.randint(0, model.config.vocab_size, (prompt_length,), generator=torch.Generator().manual_seed(0))
 
     time_ours(model, prompt, 8), time_ours(model, prompt, 8, fast=False), time_hf(hf, prompt, 8)  # warm-up
@@ -149,7 +171,7 @@ def main(
     print(f"| machine | {cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} |")
     print(f"| versions | python {platform.python_version()}, torch {torch.__version__}, "
           f"transformers {__import__('transformers').__version__} |")
-    print(f"| model | {source}, bf16, prompt {prompt_length} tokens, {new_tokens} new tokens, greedy |")
+    print(f"| model | {source}, {quantize or 'bf16'}, prompt {prompt_length} tokens, {new_tokens} new tokens, greedy |")
     print(f"| lit-llama | {median_ours:.1f} tok/s (min {min(ours):.1f}, max {max(ours):.1f}) |")
     print(f"| lit-llama, plain model path | {median_plain:.1f} tok/s (min {min(plain):.1f}, max {max(plain):.1f}) |")
     print(f"| transformers | {median_theirs:.1f} tok/s (min {min(theirs):.1f}, max {max(theirs):.1f}) |")

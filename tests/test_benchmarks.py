@@ -127,3 +127,11 @@ def test_decode_step_before_after_smoke(tmp_path):
     assert [row[0].strip() for row in rows] == ["baseline", "plain model", "fast_decode"]
     # the random weights are the same for all three, so are the greedy tokens (fp32 init, bf16 run)
     assert all(row[3].strip() == "True" for row in rows)
+
+
+def test_the_qlora_throughput_benchmark_refuses_what_the_tools_do_not_share():
+    for flags, message in [(["--quantize", "int4"], "unknown --quantize 'int4'"),
+                           (["--quantize", "nf4", "--tools", "[lit-llama,litgpt]"], "litgpt's NF4 needs CUDA")]:
+        result = run_script("benchmarks/lora_training.py", *flags)
+        assert result.returncode == 2 and result.stderr.startswith("error:") and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
