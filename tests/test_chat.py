@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import pytest
 import torch
@@ -53,11 +54,13 @@ class Reference:
         return self.reply(prompt)
 
 
-@pytest.fixture(scope="module")
-def chat_lora(tmp_path_factory):
-    """A LoRA finetune of a tiny base whose checkpoint has a Qwen-style chat template, recorded as its style."""
-    tmp_path = tmp_path_factory.mktemp("chat")
+def make_chat_lora(tmp_path, block_size: Optional[int] = None) -> tuple:
+    """A LoRA finetune of a tiny base whose checkpoint has a Qwen-style chat template, recorded as its style; with
+    `block_size`, a longer context than make_base's (no weight depends on it)."""
     base_path = make_base(tmp_path / "base", "tiny")
+    if block_size:
+        config_path = base_path.parent / "model_config.json"
+        config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"block_size": block_size}))
     with_template(base_path.parent, QWEN)
     model = add_lora(load_base(base_path), LoRAArgs(r=4, alpha=8, targets=["query", "value"]))
     LORA.mark_trainable(model)
@@ -67,6 +70,11 @@ def chat_lora(tmp_path_factory):
     config_path = path.parent / FINETUNE_CONFIG_NAME
     config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"prompt_style": "chat_template"}))
     return path, base_path
+
+
+@pytest.fixture(scope="module")
+def chat_lora(tmp_path_factory):
+    return make_chat_lora(tmp_path_factory.mktemp("chat"))
 
 
 def test_every_reply_equals_generate_over_the_whole_conversation_and_only_new_turns_are_prefilled(chat_lora):
@@ -152,16 +160,19 @@ def test_a_prompt_style_without_a_template_answers_each_message_on_its_own(tmp_p
     assert result.stdout == reference.stdout
 
 
-def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(chat_lora):
-    path, base_path = chat_lora
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tmp_path):
+    # a context long enough that the reply lasts a second or more (the tiny model makes ~2,000 tokens a second):
+    # Ctrl-C must arrive while it is still replying
+    context = 4096
+    path, base_path = make_chat_lora(tmp_path, block_size=context)
     model, tokenizer, _ = load_finetuned(path)
     style = resolve_prompt_style("chat_template", base_path.parent)
     prompt = style.conversation_ids(tokenizer, [{"role": "user", "content": "Tell me a long story"}])
-    greedy = list(generate(model, prompt, 400, temperature=0, stop_ids=tokenizer.stop_ids))
+    greedy = list(generate(model, prompt, context - len(prompt), temperature=0, stop_ids=tokenizer.stop_ids))
     assert not set(greedy) & tokenizer.stop_ids  # the greedy reply runs to the end of the context unless stopped
     process = subprocess.Popen(
         [sys.executable, str(REPO / "generate/chat.py"), "--finetuned_path", str(path), "--max_new_tokens", "100000",
-         "--context_length", "512", "--temperature", "0", "--precision", "32-true"],
+         "--temperature", "0", "--precision", "32-true"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
     )
     try:
