@@ -174,6 +174,9 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tmp_path):
         [sys.executable, str(REPO / "generate/chat.py"), "--finetuned_path", str(path), "--max_new_tokens", "100000",
          "--temperature", "0", "--precision", "32-true"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+        # a terminal's Ctrl-C: a shell that starts the tests in the background (`make test &`) leaves SIGINT ignored,
+        # and Python then installs no KeyboardInterrupt handler in the child
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # its first bytes say generation is under way
