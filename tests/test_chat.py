@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Optional
 
 import pytest
 import torch
@@ -16,9 +15,8 @@ from lit_llama.adapter import ADAPTER, AdapterArgs, add_adapter
 from lit_llama.checkpoint import load
 from lit_llama.finetuned import FINETUNE_CONFIG_NAME, load_finetuned
 from lit_llama.generation import generate
-from lit_llama.lora import LORA, LoRAArgs, add_lora
 from lit_llama.prompts import resolve_prompt_style
-from tiny_finetunes import load_base, make_base, randomise_trainable, save_finetuned
+from tiny_finetunes import load_base, make_base, make_chat_lora, randomise_trainable, save_finetuned
 from tiny_tokenizers import QWEN, smollm2_chat_template, with_template
 
 NEW_TOKENS = 8
@@ -52,24 +50,6 @@ class Reference:
     def turn(self, messages: list[dict]) -> str:
         prompt = self.style.conversation_ids(self.tokenizer, messages).tolist()
         return self.reply(prompt)
-
-
-def make_chat_lora(tmp_path, block_size: Optional[int] = None) -> tuple:
-    """A LoRA finetune of a tiny base whose checkpoint has a Qwen-style chat template, recorded as its style; with
-    `block_size`, a longer context than make_base's (no weight depends on it)."""
-    base_path = make_base(tmp_path / "base", "tiny")
-    if block_size:
-        config_path = base_path.parent / "model_config.json"
-        config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"block_size": block_size}))
-    with_template(base_path.parent, QWEN)
-    model = add_lora(load_base(base_path), LoRAArgs(r=4, alpha=8, targets=["query", "value"]))
-    LORA.mark_trainable(model)
-    torch.manual_seed(2)
-    randomise_trainable(model)
-    path = save_finetuned(model, "lora", tmp_path / "out", base_path, r=4, alpha=8, targets=["query", "value"])
-    config_path = path.parent / FINETUNE_CONFIG_NAME
-    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"prompt_style": "chat_template"}))
-    return path, base_path
 
 
 @pytest.fixture(scope="module")

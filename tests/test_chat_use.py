@@ -3,15 +3,12 @@
 import json
 
 import pytest
-import torch
 
 from conftest import run_script
-from lit_llama.finetuned import FINETUNE_CONFIG_NAME, load_finetuned
+from lit_llama.finetuned import load_finetuned
 from lit_llama.generation import generate
-from lit_llama.lora import LORA, LoRAArgs, add_lora
 from lit_llama.prompts import resolve_prompt_style
-from tiny_finetunes import load_base, make_base, randomise_trainable, save_finetuned
-from tiny_tokenizers import QWEN, with_template
+from tiny_finetunes import make_chat_lora
 
 PREFIX = [{"role": "system", "content": "You sort words."}, {"role": "user", "content": "Sort: stone tree"}]
 NEW_TOKENS = 6
@@ -19,15 +16,7 @@ NEW_TOKENS = 6
 
 @pytest.fixture
 def chat_finetune(tmp_path):
-    base_path = make_base(tmp_path / "base", "tiny")
-    with_template(base_path.parent, QWEN)
-    model = add_lora(load_base(base_path), LoRAArgs(r=4, alpha=8, targets=["query", "value"]))
-    LORA.mark_trainable(model)
-    torch.manual_seed(2)
-    randomise_trainable(model)
-    path = save_finetuned(model, "lora", tmp_path / "out", base_path, r=4, alpha=8, targets=["query", "value"])
-    config_path = path.parent / FINETUNE_CONFIG_NAME
-    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"prompt_style": "chat_template"}))
+    path, base_path = make_chat_lora(tmp_path)
     merged, tokenizer, _ = load_finetuned(path)
     style = resolve_prompt_style("chat_template", base_path.parent)
     prompt = style.conversation_ids(tokenizer, PREFIX)

@@ -36,15 +36,19 @@ def tiny(seed: int = 0, dtype=torch.bfloat16, **overrides) -> LLaMA:
     return LLaMA(Config.from_name("tiny", intermediate_size=192, **overrides)).to(dtype)
 
 
-def qlora(mode: str, dtype=torch.bfloat16, seed: int = 0) -> LLaMA:
-    """A tiny LoRA model on every projection with a non-zero B, its base quantized in `mode`."""
-    model = add_lora(tiny(seed, dtype), LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["query", "key", "value", "projection", "mlp"]))
+def qlora(
+    mode: str, dtype=torch.bfloat16, seed: int = 0,
+    targets: tuple = ("query", "key", "value", "projection", "mlp"), shards: int = 1,
+) -> LLaMA:
+    """A tiny LoRA model (on every projection unless `targets` says) with a non-zero B, its base quantized in `mode`
+    (to be sharded over `shards` devices)."""
+    model = add_lora(tiny(seed, dtype), LoRAArgs(r=4, alpha=8, dropout=0.0, targets=list(targets)))
     LORA.mark_trainable(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("lora_B"):
                 param.normal_(0, 0.05)
-    return quantize_frozen(model, mode)
+    return quantize_frozen(model, mode, shards=shards)
 
 
 def tokens(batch: int = 2, length: int = 24, seed: int = 1) -> torch.Tensor:
@@ -206,13 +210,7 @@ def shard_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = add_lora(tiny(dtype=torch.float32), LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["query", "value", "mlp"]))
-    LORA.mark_trainable(model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("lora_B"):
-                param.normal_(0, 0.05)
-    quantize_frozen(model, "nf4-dq", shards=world)
+    model = qlora("nf4-dq", torch.float32, targets=("query", "value", "mlp"), shards=world)
     for block in model.transformer.h:
         fully_shard(block, ignored_params=unshardable_parameters(model))
     fully_shard(model)
@@ -231,13 +229,8 @@ def test_two_processes_shard_nf4_weights_with_fsdp2_and_match_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(shard_worker, args=(2, port, str(tmp_path / "grads.pt")), nprocs=2)
-    model = add_lora(tiny(dtype=torch.float32), LoRAArgs(r=4, alpha=8, dropout=0.0, targets=["query", "value", "mlp"]))
-    LORA.mark_trainable(model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("lora_B"):
-                param.normal_(0, 0.05)
-    quantize_frozen(model, "nf4-dq")  # one process quantizes as two do: the scaler blocks ignore the device count
+    # one process quantizes as two do: the scaler blocks ignore the device count
+    model = qlora("nf4-dq", torch.float32, targets=("query", "value", "mlp"))
     idx = tokens(4)
     (model(idx[:2]).logsumexp(-1).mean() + model(idx[2:]).logsumexp(-1).mean()).div(2).backward()
     sharded = torch.load(tmp_path / "grads.pt", weights_only=True)

@@ -1,6 +1,8 @@
 """Tiny base checkpoints and finetuned weights saved the way finetune/*.py saves them, for the LoRA, adapter and
 PEFT-export tests."""
+import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -9,7 +11,7 @@ from lit_llama.files import save_json, save_torch
 from lit_llama.finetuned import FINETUNE_CONFIG_NAME, METHODS, finetune_config
 from lit_llama.model import LLaMA, Config
 from lit_llama.tokenizer import Tokenizer
-from tiny_tokenizers import make_byte_level_bpe
+from tiny_tokenizers import QWEN, make_byte_level_bpe, with_template
 
 
 def make_base(directory: Path, name: str = "tiny", seed: int = 0, make_tokenizer=make_byte_level_bpe) -> Path:
@@ -52,3 +54,23 @@ def save_finetuned(model: LLaMA, method: str, directory: Path, base_path: Path, 
     record = finetune_config(spec, settings, model.config, "alpaca", identity, base_path)
     save_json(record, directory / FINETUNE_CONFIG_NAME)
     return path
+
+
+def make_chat_lora(tmp_path: Path, block_size: Optional[int] = None) -> tuple[Path, Path]:
+    """(LoRA weights, base checkpoint): a LoRA finetune of a tiny base whose checkpoint has a Qwen-style chat
+    template, recorded as its style; with `block_size`, a longer context than make_base's (no weight depends on it)."""
+    from lit_llama.lora import LORA, LoRAArgs, add_lora
+
+    base_path = make_base(tmp_path / "base", "tiny")
+    if block_size:
+        config_path = base_path.parent / "model_config.json"
+        config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"block_size": block_size}))
+    with_template(base_path.parent, QWEN)
+    model = add_lora(load_base(base_path), LoRAArgs(r=4, alpha=8, targets=["query", "value"]))
+    LORA.mark_trainable(model)
+    torch.manual_seed(2)
+    randomise_trainable(model)
+    path = save_finetuned(model, "lora", tmp_path / "out", base_path, r=4, alpha=8, targets=["query", "value"])
+    config_path = path.parent / FINETUNE_CONFIG_NAME
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"prompt_style": "chat_template"}))
+    return path, base_path
