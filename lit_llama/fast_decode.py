@@ -32,8 +32,7 @@ def pack_weights(layers: list[nn.Linear]) -> Union[torch.Tensor, "Int8Matrix"]:
     weights = [layer.weight for layer in layers]
     if not is_int8(weights[0]):
         return _pack_rows(weights, "data")
-    scales = torch.cat([weight.scale.reshape(-1) for weight in weights]).to(weights[0].dtype)
-    return Int8Matrix(_pack_rows(weights, "qdata"), scales)
+    return Int8Matrix(_pack_rows(weights, "qdata"), int8_scales(weights))
 
 
 def _pack_rows(owners: list, attribute: str) -> torch.Tensor:
@@ -76,21 +75,18 @@ class Int8Matrix(NamedTuple):
     scales: torch.Tensor
 
 
+def int8_scales(weights: list[torch.Tensor]) -> torch.Tensor:
+    """The weights' per-row scales as one vector in the dtype the kernel multiplies in (the weights' own)."""
+    return torch.cat([weight.scale.reshape(-1) for weight in weights]).to(weights[0].dtype)
+
+
 def is_int8(weight: torch.Tensor) -> bool:
     return is_quantized(weight) and int8_kernel_applies(weight)
 
 
-def matrix(layer: Union[nn.Linear, nn.Embedding]) -> Union[torch.Tensor, Int8Matrix]:
+def matrix(layer: nn.Linear) -> Union[torch.Tensor, Int8Matrix]:
     weight = layer.weight
-    if is_int8(weight):
-        return Int8Matrix(weight.qdata, weight.scale.reshape(-1).to(weight.dtype))
-    return weight.detach()
-
-
-def embedding_row(weight: Union[torch.Tensor, Int8Matrix], index: int) -> torch.Tensor:
-    if type(weight) is Int8Matrix:
-        return weight.codes[index].to(weight.scales.dtype) * weight.scales[index]
-    return weight[index]
+    return Int8Matrix(weight.qdata, int8_scales([weight])) if is_int8(weight) else weight.detach()
 
 
 def matvec(weight: Union[torch.Tensor, Int8Matrix], x: torch.Tensor, bias: Optional[torch.Tensor] = None):
@@ -130,8 +126,9 @@ def applies_to(model) -> bool:
     """Whether the step computes what `model(token, input_pos=position)` would: a plain LLaMA of plain (or int8
     weight-only) layers (no LoRA, adapters or hooks, which the step would skip; not compiled or wrapped), no weight
     requiring gradients (so packing never moves a trainable weight), plain CPU tensors (not sharded; int8 ones the
-    kernel takes), a KV cache for one sequence, and neither compiling nor autocast. Biases only where the config puts them (q, k, v: a merged adapter-v2 model has
-    them everywhere and takes the module path); q/k norms and a sliding window the step computes too."""
+    kernel takes), a KV cache for one sequence, and neither compiling nor autocast. Biases only where the config
+    puts them (q, k, v: a merged adapter-v2 model has them everywhere and takes the module path); q/k norms and a
+    sliding window the step computes too."""
     if type(model) is not LLaMA or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
     if any(param.requires_grad or (type(param.data) is not torch.Tensor and not is_int8(param))
@@ -188,10 +185,10 @@ class DecodeStep:
             )
             for block in model.transformer.h
         ]
-        self.wte = matrix(model.transformer.wte)
+        self.wte = model.transformer.wte.weight.detach()
         self.ln_f = model.transformer.ln_f.weight.detach()
         self.lm_head = self.wte if model.lm_head is None else matrix(model.lm_head)
-        self.cos, self.sin = model.rope_tables(model.transformer.wte.weight.device)
+        self.cos, self.sin = model.rope_tables(self.wte.device)
 
     @classmethod
     def for_model(cls, model) -> Optional["DecodeStep"]:
@@ -201,7 +198,7 @@ class DecodeStep:
     def __call__(self, idx: torch.Tensor, position: int) -> torch.Tensor:
         """Logits (1, 1, padded_vocab_size) for token idx (1, 1) at `position`, its key and value cached."""
         n_head, n_query_groups, hs = self.n_head, self.n_query_groups, self.head_size
-        x = embedding_row(self.wte, int(idx))
+        x = self.wte[int(idx)]
         cos, sin = self.cos[position].to(x.dtype), self.sin[position].to(x.dtype)
         first = 0 if self.window is None else max(0, position + 1 - self.window)  # the oldest key in the window
         for layer in self.layers:

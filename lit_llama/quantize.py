@@ -253,10 +253,14 @@ def release_freed_heap() -> None:
     """Give freed heap memory back to the operating system (glibc's malloc_trim; elsewhere nothing). torchao's
     quantization makes temporaries of several times each weight's size; glibc keeps the memory they freed, so
     after quantizing a model the process held 2.7 GB for a 0.6 GB model (SmolLM2-135M, BENCHMARKS.md)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None)
-        if hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    return getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
