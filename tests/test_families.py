@@ -10,7 +10,7 @@ import torch
 
 from conftest import HF_ULPS, assert_close, run_script
 from lit_llama.adapter import AdapterArgs
-from lit_llama.adapter_v2 import ADAPTER_V2, add_adapter_v2
+from lit_llama.adapter_v2 import ADAPTER_V2
 from lit_llama.checkpoint import load
 from lit_llama.convert import config_from_hf, config_to_hf
 from lit_llama.errors import UserError
@@ -151,32 +151,30 @@ def every_lora_target(model: LLaMA) -> list[str]:
     return ["query", "key", "value", "projection", "mlp"] + ([] if model.config.tie_embeddings else ["head"])
 
 
-def test_lora_on_every_target_merges_to_the_same_logits(converted):
-    model = converted.model()
-    add_lora(model, LoRAArgs(r=4, alpha=8, dropout=0.0, targets=every_lora_target(model)))
-    LORA.mark_trainable(model)
-    torch.manual_seed(3)
+def assert_merge_keeps_the_logits(model: LLaMA, method, options, seed: int) -> None:
+    """Add `method`'s layers with non-trivial values, then merge them: the logits must not change."""
+    method.apply(model, options)
+    method.mark_trainable(model)
+    torch.manual_seed(seed)
     randomise_trainable(model, std=0.1)
-    idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(4))
+    idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         unmerged = model.eval()(idx)
         merge(model)
         assert_close(model(idx), unmerged)
+
+
+def test_lora_on_every_target_merges_to_the_same_logits(converted):
+    model = converted.model()
+    assert_merge_keeps_the_logits(
+        model, LORA, LoRAArgs(r=4, alpha=8, dropout=0.0, targets=every_lora_target(model)), seed=3
+    )
     if converted.family == "qwen2":  # the biases survive the merge
         assert model.transformer.h[0].attn.q_proj.bias is not None
 
 
 def test_adapter_v2_merges_to_the_same_logits(converted):
-    model = converted.model()
-    add_adapter_v2(model, AdapterArgs(prompt_length=3, start_layer=1))
-    ADAPTER_V2.mark_trainable(model)
-    torch.manual_seed(5)
-    randomise_trainable(model, std=0.1)
-    idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        unmerged = model.eval()(idx)
-        merge(model)
-        assert_close(model(idx), unmerged)
+    assert_merge_keeps_the_logits(converted.model(), ADAPTER_V2, AdapterArgs(prompt_length=3, start_layer=1), seed=5)
 
 
 def test_peft_export_loads_in_transformers_with_the_same_logits(converted, tmp_path):
