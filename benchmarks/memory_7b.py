@@ -31,6 +31,7 @@ import torch
 from lit_llama.cli import run_cli
 from lit_llama.errors import UserError
 from lit_llama.lora import LORA, LoRAArgs, add_lora
+from lit_llama.loss import CHUNK_LOGITS
 from lit_llama.method import reset_method_parameters
 from lit_llama.model import LLaMA, Config
 from lit_llama.training.loop import loss_sum
@@ -81,7 +82,7 @@ def materialize_randomly(module: torch.nn.Module, device: str) -> None:
 
 def train_step(model, optimizer, input_ids: torch.Tensor) -> float:
     """One step as the training loop takes it; every position's label counts (the most memory)."""
-    loss = loss_sum(model, input_ids, input_ids, model.config.vocab_size) / input_ids[:, 1:].numel()
+    loss = loss_sum(model, input_ids, input_ids) / input_ids[:, 1:].numel()
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -104,7 +105,7 @@ def saved_activation_bytes(config: Config, n_layer: int, micro_batch: int, seq_l
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss_sum(model, input_ids, input_ids, config.vocab_size)
+        loss_sum(model, input_ids, input_ids)
     return sum(storages.values())
 
 
@@ -133,7 +134,7 @@ def memory_model(config: Config, lora_r: int, probe_tokens: int = 64, quantize: 
 
 
 def predict(m: dict, config: Config, tokens: int, activation_checkpointing: bool) -> dict:
-    """Peak bytes = weights + LoRA state + saved activations + the logits' gradient (the largest backward buffer).
+    """Peak bytes = weights + LoRA state + saved activations + one chunk of the loss's logits.
 
     weights         2 * N_frozen                      (bf16; quantized: block weights at their format's bits, plus
                                                        one block matrix dequantized at a time)
@@ -141,14 +142,15 @@ def predict(m: dict, config: Config, tokens: int, activation_checkpointing: bool
     activations    tokens * (L * a_layer + a_head)    without checkpointing
                    tokens * (L * 2 * C + a_layer + a_head)   with it: each block keeps only its bf16 input, and
                                                        one block's activations exist again while it is recomputed
-    logits grad    tokens * V * 4                      (fp32, while backward starts)
+    loss chunk     min(tokens, R) * V * 8             (lit_llama/loss.py: R = CHUNK_LOGITS / V positions' logits in bf16
+                                                       and fp32 and their bf16 gradient; the whole N x V never exists)
     """
     per_layer = 2 * config.n_embd if activation_checkpointing else m["a_layer"]
     extra_layer = m["a_layer"] if activation_checkpointing else 0
     parts = dict(
         weights=m["weight_bytes"] + m["dequantized"], lora_state=16 * m["n_lora"],
         activations=tokens * (m["n_layer"] * per_layer + extra_layer + m["a_head"]),
-        logits_grad=tokens * config.padded_vocab_size * 4,
+        loss_chunk=min(tokens, max(1, CHUNK_LOGITS // config.vocab_size)) * config.vocab_size * 8,
     )
     return {**parts, "total": sum(parts.values())}
 
@@ -214,7 +216,7 @@ def main(
     print(f"{config_name}: N_frozen = {m['n_frozen'] / 1e9:.3f} B parameters, N_lora = {m['n_lora'] / 1e6:.2f} M")
     print(f"saved activations per token: a_layer = {m['a_layer'] / 1024:.1f} KiB per layer "
           f"({m['a_layer'] / config.n_embd:.1f} bytes per hidden unit), a_head = {m['a_head'] / 1024:.1f} KiB")
-    print("| micro-batch x tokens | activation checkpointing | weights | LoRA state | activations | logits grad | "
+    print("| micro-batch x tokens | activation checkpointing | weights | LoRA state | activations | loss chunk | "
           "predicted peak |")
     print("|---|---|---|---|---|---|---|")
     for setting in predict_for:
@@ -222,7 +224,7 @@ def main(
         for ac in (False, True):
             p = predict(m, config, batch * length, ac)
             print(f"| {setting} | {'yes' if ac else 'no'} | {p['weights'] / GiB:.2f} | {p['lora_state'] / GiB:.3f} | "
-                  f"{p['activations'] / GiB:.2f} | {p['logits_grad'] / GiB:.2f} | {p['total'] / GiB:.2f} GiB |")
+                  f"{p['activations'] / GiB:.2f} | {p['loss_chunk'] / GiB:.2f} | {p['total'] / GiB:.2f} GiB |")
     if not measure:
         return
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lit_llama.configs import configs
+from lit_llama.loss import cross_entropy_sum
 
 
 @dataclass
@@ -281,7 +282,8 @@ class LLaMA(nn.Module):
         self.activation_checkpointing = False
 
     def forward(
-        self, idx: torch.Tensor, input_pos: Optional[int] = None, logits_at: Optional[torch.Tensor] = None
+        self, idx: torch.Tensor, input_pos: Optional[int] = None, logits_at: Optional[torch.Tensor] = None,
+        targets: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids. input_pos: position of idx[:, 0] when generating with the KV cache.
 
@@ -289,6 +291,8 @@ class LLaMA(nn.Module):
         `logits_at`, a bool (B, T) mask, computes the output head only where it is True and returns those
         positions' logits as (N, padded_vocab_size) rows in row-major order (training's label positions, the
         prefill's last position): the head is the largest matrix of a small model.
+        `targets`, the (N,) next tokens of the `logits_at` positions, returns instead their summed cross-entropy,
+        computed without keeping the (N, vocabulary) logits for backward (lit_llama/loss.py).
         """
         T = idx.size(1)
         start = input_pos or 0
@@ -310,9 +314,21 @@ class LLaMA(nn.Module):
         x = self.transformer.ln_f(x)
         if logits_at is not None:
             x = x[logits_at]
+        if targets is not None:
+            return cross_entropy_sum(x, targets, self.config.vocab_size, self.head_weight(), self.head)
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:  # tied: the output head is the embedding table
             return F.linear(x, self.transformer.wte.weight)
         return self.lm_head(x)
+
+    def head_weight(self) -> Optional[torch.Tensor]:
+        """The head's matrix where the head is nothing but it (not a LoRA or adapter-v2 head)."""
+        if self.lm_head is None:
+            return self.transformer.wte.weight
+        plain = type(self.lm_head) is nn.Linear and self.lm_head.bias is None
+        return self.lm_head.weight if plain else None
 
     def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rope is None or self.rope[0].device != device or self.rope[0].size(0) < self.max_seq_length:

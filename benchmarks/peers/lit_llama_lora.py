@@ -34,12 +34,11 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     optimizer = fabric.setup_optimizers(optimizer)
     model.train()
-    vocab_size = model.config.vocab_size
 
     def train_step(batch: dict) -> float:
         # lit-llama's collate gives whole samples; loss_sum shifts them and sums over the counted positions
         label_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        loss = loss_sum(model, batch["input_ids"], batch["labels"], vocab_size) / label_tokens
+        loss = loss_sum(model, batch["input_ids"], batch["labels"]) / label_tokens
         fabric.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from lightning.fabric import Fabric
 from tqdm import tqdm
 
@@ -54,7 +53,6 @@ def fit(fabric: Fabric, model, data: PreparedData, run: Run, train: TrainArgs, e
             f"the training set ({len(data.train)} samples) is smaller than --train.batch_size {train.batch_size}"
         )
     total_steps = min(train.max_steps or math.inf, train.epochs * steps_per_epoch)
-    vocab_size = model.config.vocab_size
     # gradients of LoRA/adapter weights are tiny: sync them once per step. Full finetuning syncs every micro-batch so
     # that FSDP never holds unsharded gradients of the whole model
     skip_sync = not run.method.trains_base_weights
@@ -100,7 +98,7 @@ def fit(fabric: Fabric, model, data: PreparedData, run: Run, train: TrainArgs, e
                 step_label_tokens = max(1, sum(label_tokens[i] for batch in everyone for i in batch))
                 loss_total = accumulate_gradients(
                     fabric, model, [[data.train[i] for i in batch] for batch in everyone[rank::world]],
-                    step_label_tokens, skip_sync, vocab_size,
+                    step_label_tokens, skip_sync,
                 )
                 # the one sync per step: the step's mean loss over all ranks, and whether any rank was signalled
                 flag = torch.tensor(float(stop.signum is not None), device=fabric.device)
@@ -154,7 +152,7 @@ def fit(fabric: Fabric, model, data: PreparedData, run: Run, train: TrainArgs, e
 
 
 def accumulate_gradients(
-    fabric: Fabric, model, micro_batches: list[list[dict]], step_label_tokens: int, skip_sync: bool, vocab_size: int
+    fabric: Fabric, model, micro_batches: list[list[dict]], step_label_tokens: int, skip_sync: bool
 ) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches of one optimizer step; returns their summed loss.
 
@@ -165,7 +163,7 @@ def accumulate_gradients(
     for micro, samples in enumerate(micro_batches):
         input_ids, labels = fabric.to_device(collate(samples))
         with fabric.no_backward_sync(model, enabled=skip_sync and micro < len(micro_batches) - 1):
-            loss = loss_sum(model, input_ids, labels, vocab_size)
+            loss = loss_sum(model, input_ids, labels)
             fabric.backward(loss * (fabric.world_size / step_label_tokens))
         loss_total += loss.detach()
     return loss_total
@@ -176,15 +174,14 @@ def lr_at(step: int, peak: float, warmup: int) -> float:
     return peak * min(1.0, (step + 1) / warmup) if warmup > 0 else peak
 
 
-def loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over the positions whose label counts. Only those positions' hidden states
     reach the output head: with prompts masked and padding, most logits are never computed."""
     targets = labels[:, 1:]
     counted = targets != IGNORE_INDEX
     # position t predicts token t + 1: the last position predicts nothing
     logits_at = torch.cat((counted, torch.zeros_like(counted[:, :1])), dim=1)
-    logits = model(input_ids, logits_at=logits_at)[:, :vocab_size]  # the padded vocabulary columns are not tokens
-    return F.cross_entropy(logits.float(), targets[counted], reduction="sum")
+    return model(input_ids, logits_at=logits_at, targets=targets[counted])
 
 
 class StopRequest:
@@ -217,7 +214,7 @@ def evaluate(
     for i in range(per_rank):
         batch = batches[(fabric.global_rank + i * fabric.world_size) % len(batches)]
         input_ids, labels = fabric.to_device(collate(batch))
-        totals[0] += loss_sum(model, input_ids, labels, model.config.vocab_size)
+        totals[0] += loss_sum(model, input_ids, labels)
         totals[1] += (labels[:, 1:] != IGNORE_INDEX).sum()
     loss_total, count = fabric.all_reduce(totals, reduce_op="sum").tolist()
     val_loss = loss_total / max(count, 1)
