@@ -135,3 +135,23 @@ def test_the_qlora_throughput_benchmark_refuses_what_the_tools_do_not_share():
         result = run_script("benchmarks/lora_training.py", *flags)
         assert result.returncode == 2 and result.stderr.startswith("error:") and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_matvec_benchmark_times_the_decode_steps_shapes_and_products():
+    from matvec_kernels import block_shapes, reduction
+    from lit_llama.fast_decode import DecodeStep
+    from lit_llama.model import LLaMA
+
+    config = Config.from_name("tiny-gqa")
+    model = LLaMA(config).to(torch.bfloat16).requires_grad_(False)
+    model.setup_kv_cache(batch_size=1, max_seq_length=8)
+    layer = DecodeStep(model).layers[0]
+    assert block_shapes(config) == [tuple(m.shape) for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)]
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 64, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)
+    # bf16 products of 64 terms: the two kernels' summation orders differ by a few bf16 ulps of the result
+    torch.testing.assert_close(reduction(x, weight, torch.ones(96, dtype=torch.bfloat16)), torch.mv(weight, x),
+                               atol=0.1, rtol=2e-2)
+    codes, scales = torch.randint(-127, 128, (96, 64), dtype=torch.int8), torch.rand(96, dtype=torch.bfloat16) / 127
+    torch.testing.assert_close(reduction(x, codes, scales),
+                               torch._weight_int8pack_mm(x.unsqueeze(0), codes, scales).view(-1), atol=0.05, rtol=2e-2)
