@@ -7,7 +7,8 @@ shape when there is none):
   dominate) and a short one with activation checkpointing (the weights dominate). Besides the process's peak RSS,
   the step's own memory: the peak minus the RSS before the model was built (interpreter, torch, torchao);
 - greedy decode tokens/s of bf16 vs int8 and int4 weight-only, interleaved round by round, and how many of the
-  greedy tokens agree with bf16 (on the real checkpoint).
+  greedy tokens agree with bf16's on four questions (on the real checkpoint), next to the fp32 model's: how far
+  bf16's own rounding already carries a greedy text from the exact model's.
 
     python benchmarks/quantize_cpu.py --rounds 3
 """
@@ -35,7 +36,12 @@ from generation import cpu_name, random_model  # noqa: E402
 from memory_7b import random_lora_model, train_step  # noqa: E402
 
 MiB = 2**20
-INSTRUCTION = "Explain how a bicycle works, part by part, for a ten-year-old."
+QUESTIONS = [  # the first is timed; all four count for agreement
+    "Explain how a bicycle works, part by part, for a ten-year-old.",
+    "Write a short story about a robot who learns to paint.",
+    "List ten tips for staying healthy in winter and explain each one.",
+    "What causes the seasons on Earth?",
+]
 WORKLOADS = {"4x256": (4, 256, False), "1x128, checkpointing": (1, 128, True)}
 
 
@@ -62,39 +68,47 @@ def measure_step(config_name: str, quantize: Optional[str], workload: str, threa
 
 
 def decode(checkpoint_dir: Optional[Path], config_name: str, new_tokens: int, rounds: int, threads: int) -> dict:
-    """Greedy tokens/s of the bf16 model and its int8 and int4 weight-only copies, interleaved round by round, and
-    their tokens."""
+    """Greedy tokens/s of the bf16 model and its int8 and int4 weight-only copies, interleaved round by round on the
+    first question; then each model's greedy tokens for every question, the fp32 model's among them."""
     torch.set_num_threads(threads)
     real = checkpoint_dir is not None and checkpoint_dir.is_dir()
 
-    def bf16_model() -> LLaMA:
+    def base_model(dtype: torch.dtype = torch.bfloat16) -> LLaMA:
         if real:
-            return load(checkpoint_dir, "cpu", torch.bfloat16)[0].eval()
+            return load(checkpoint_dir, "cpu", dtype)[0].eval()
         torch.manual_seed(0)
-        return random_model(config_name).to(torch.bfloat16).eval()
+        return random_model(config_name).to(dtype).eval()
 
-    models = {"bf16": bf16_model(), "int8": quantize_for_generation(bf16_model(), "int8"),
-              "int4": quantize_for_generation(bf16_model(), "int4")}
-    if real:  # a question in the model's chat template: text it was trained on, not noise
-        style = resolve_prompt_style(None, checkpoint_dir)
-        prompt = style.encode_prompt(Tokenizer(checkpoint_dir), style.apply(INSTRUCTION))
+    models = {"bf16": base_model(), "int8": quantize_for_generation(base_model(), "int8"),
+              "int4": quantize_for_generation(base_model(), "int4")}
+    if real:  # questions in the model's chat template: text it was trained on, not noise
+        style, tokenizer = resolve_prompt_style(None, checkpoint_dir), Tokenizer(checkpoint_dir)
+        prompts = [style.encode_prompt(tokenizer, style.apply(question)) for question in QUESTIONS]
     else:
-        prompt = torch.randint(0, models["bf16"].config.vocab_size, (16,), generator=torch.Generator().manual_seed(1))
-    speeds, tokens = {mode: [] for mode in models}, {}
+        vocab_size = models["bf16"].config.vocab_size
+        prompts = [torch.randint(0, vocab_size, (16,), generator=torch.Generator().manual_seed(seed))
+                   for seed in range(len(QUESTIONS))]
+    speeds = {mode: [] for mode in models}
     for model in models.values():  # warm-up
-        list(generate(model, prompt, 8, temperature=0.0))
+        list(generate(model, prompts[0], 8, temperature=0.0))
     for _ in range(rounds):
         for mode, model in models.items():
             start = time.perf_counter()
-            tokens[mode] = list(generate(model, prompt, new_tokens, temperature=0.0))
-            speeds[mode].append(len(tokens[mode]) / (time.perf_counter() - start))
+            tokens = list(generate(model, prompts[0], new_tokens, temperature=0.0))
+            speeds[mode].append(len(tokens) / (time.perf_counter() - start))
+    models["fp32"] = base_model(torch.float32)  # the exact model, not timed
+    texts = {mode: [list(generate(model, prompt, new_tokens, temperature=0.0)) for prompt in prompts]
+             for mode, model in models.items()}
     # free-running greedy texts part at the first near-tie and then differ for good; teacher-forced, each model
-    # predicts every position of bf16's text, so each position counts once
-    text = torch.cat([prompt, torch.tensor(tokens["bf16"])])[None]
-    with torch.inference_mode():
-        predictions = {mode: model(text)[0, len(prompt) - 1 : -1].argmax(-1) for mode, model in models.items()}
-    agreement = {mode: (p == predictions["bf16"]).float().mean().item() for mode, p in predictions.items()}
-    return dict(speeds=speeds, tokens=tokens, agreement=agreement,
+    # predicts every position of bf16's texts, so each position counts once
+    agreement = {mode: [] for mode in models}
+    for prompt, reference in zip(prompts, texts["bf16"]):
+        text = torch.cat([prompt, torch.tensor(reference)])[None]
+        with torch.inference_mode():
+            predictions = {mode: model(text)[0, len(prompt) - 1 : -1].argmax(-1) for mode, model in models.items()}
+        for mode, predicted in predictions.items():
+            agreement[mode] += (predicted == predictions["bf16"]).tolist()
+    return dict(speeds=speeds, texts=texts, agreement={mode: sum(a) / len(a) for mode, a in agreement.items()},
                 source=str(checkpoint_dir) if real else f"random {config_name}")
 
 
@@ -127,21 +141,28 @@ def report_steps(config_name: str, rounds: int, threads: int) -> None:
                   f"{statistics.median(r['seconds'] for r in steps[quantize]):.2f} s")
 
 
+def divergence(text: list[int], reference: list[int]) -> str:
+    first = next((i for i, (a, b) in enumerate(zip(text, reference)) if a != b), None)
+    return "all equal" if first is None else f"first differs at {first}"
+
+
 def report_decode(checkpoint_dir: Path, config_name: str, rounds: int, new_tokens: int, threads: int) -> None:
     decoded = child(["--checkpoint_dir", checkpoint_dir, "--config_name", config_name, "--role", "decode",
                      "--rounds", rounds, "--new_tokens", new_tokens, "--threads", threads])
-    speeds, reference = decoded["speeds"], decoded["tokens"]["bf16"]
-    print(f"{decoded['source']}, greedy decode of {new_tokens} tokens after a 16-token prompt, {rounds} interleaved "
-          f"rounds, {threads} threads, {cpu_name()}")
-    for mode, values in speeds.items():
-        tokens = decoded["tokens"][mode]
-        first = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), None)
-        equal = sum(a == b for a, b in zip(tokens, reference))
-        ratios = [round(a / b, 2) for a, b in zip(values, speeds["bf16"])]
-        print(f"  {mode:5}: {statistics.median(values):6.1f} tokens/s (rounds {[round(v, 1) for v in values]}), "
-              f"x{statistics.median(values) / statistics.median(speeds['bf16']):.2f} bf16 (per round {ratios}); "
-              f"{equal}/{len(reference)} tokens equal bf16's, first divergence at {first}; teacher-forced on bf16's "
-              f"text, {decoded['agreement'][mode]:.1%} of the next tokens equal bf16's")
+    speeds, references = decoded["speeds"], decoded["texts"]["bf16"]
+    print(f"{decoded['source']}, greedy decode of {new_tokens} tokens, {rounds} interleaved rounds on the first of "
+          f"{len(references)} questions, {threads} threads, {cpu_name()}")
+    for mode, texts in decoded["texts"].items():
+        speed = ""
+        if mode in speeds:
+            values, ratios = speeds[mode], [round(a / b, 2) for a, b in zip(speeds[mode], speeds["bf16"])]
+            speed = (f"{statistics.median(values):6.1f} tokens/s (rounds {[round(v, 1) for v in values]}), "
+                     f"x{statistics.median(values) / statistics.median(speeds['bf16']):.2f} bf16 (per round {ratios}); ")
+        equal = [f"{sum(a == b for a, b in zip(text, reference))}/{len(reference)} ({divergence(text, reference)})"
+                 for text, reference in zip(texts, references)]
+        print(f"  {mode:5}: {speed}free-running, tokens equal bf16's per question: "
+              f"{', '.join(equal)}; teacher-forced on bf16's texts, {decoded['agreement'][mode]:.1%} of the next "
+              f"tokens equal bf16's")
 
 
 def main(
