@@ -1,4 +1,4 @@
-"""One decode step of one sequence, four ways, on the same weights, interleaved in one process (so load on a shared
+"""One decode step of one sequence, several ways, on the same weights, interleaved in one process (so load on a shared
 machine hits them alike), with a check that each makes the same greedy tokens.
 
     python benchmarks/decode_step.py --baseline fb5f633 --rounds 9 --threads 1
@@ -6,7 +6,8 @@ machine hits them alike), with a check that each makes the same greedy tokens.
 Variants:
 - `baseline`: lit_llama/model.py at `--baseline`, as generation ran it then (`prepare_decoding` where it exists).
 - `plain model`: the current model through its modules, `model(token, input_pos=position)`.
-- `fast_decode`: lit_llama/fast_decode.py's `DecodeStep`, as `generate` runs a frozen model on a CPU.
+- `fast_decode, torch.mv` and `fast_decode, F.linear`: lit_llama/fast_decode.py's `DecodeStep` with either
+  matrix-vector kernel, as `generate` runs a frozen model on a CPU (the first on Intel CPUs, the second elsewhere).
 - `compiled static`: `torch.compile` of one token through the plain model's modules over the whole static KV cache,
   the position a tensor and the cache beyond it masked: every call has the same shapes, so one compile serves every
   position (the gpt-fast route). It attends over the whole cache at every position (here: the timed position is
@@ -117,7 +118,7 @@ def main(
         state_dict = current_model.LLaMA(current_model.Config.from_name(config_name)).state_dict()
     old = model_module_at(baseline)
     cache_length = position + 1
-    variants = ["plain model", "fast_decode"] + (["compiled static", "compiled static, freezing"] if compile else [])
+    variants = ["plain model", "fast_decode, torch.mv", "fast_decode, F.linear"] + (["compiled static", "compiled static, freezing"] if compile else [])
     models = {name: build(current_model, config_name, state_dict, cache_length) for name in variants}
     models["baseline"] = build(old, config_name, state_dict, cache_length)
     if hasattr(models["baseline"], "prepare_decoding"):
@@ -125,7 +126,8 @@ def main(
     steps = {
         name: lambda idx, pos, model=models[name]: model(idx, input_pos=pos) for name in ("baseline", "plain model")
     }
-    steps["fast_decode"] = DecodeStep.for_model(models["fast_decode"])
+    steps["fast_decode, torch.mv"] = DecodeStep(models["fast_decode, torch.mv"], mv=True)
+    steps["fast_decode, F.linear"] = DecodeStep(models["fast_decode, F.linear"], mv=False)
     if compile:
         steps["compiled static"] = static_step(models["compiled static"])
         steps["compiled static, freezing"] = static_step(models["compiled static, freezing"], freezing=True)

@@ -5,13 +5,15 @@ tensor code, the numbers of `LLaMA.forward` up to the summation order of one mat
     logits = step(token, position) if step else model(token, input_pos=position)
 
 A decode step of one sequence reads every weight once to multiply it by one vector. On a CPU three things make that
-faster: `torch.mv` (torch's matrix-vector kernel, faster there than the matrix-matrix kernel F.linear picks for one
-row); each block's q, k, v weights (and gate, up) packed back to back in one block of memory, each weight a view of
-its rows, so one product reads them instead of several small ones; and no per-layer module calls, attribute lookups
-and batch and head bookkeeping between weight reads. Int8 weight-only models (`quantize_for_generation(model, "int8")`)
-take the same step with PyTorch's int8-weight kernel in place of torch.mv: half the bytes read per token.
+faster: the fastest matrix-vector kernel of the CPU (`torch.mv` on Intel, 1.4x F.linear on one row there; F.linear
+elsewhere: on the AMD EPYC measured torch.mv was the slower by 1.2-1.5x; BENCHMARKS.md, "Matrix-vector kernels");
+each block's q, k, v weights (and gate, up) packed back to back in one block of memory, each weight a view of its
+rows, so one product reads them instead of several small ones; and no per-layer module calls, attribute lookups and
+batch and head bookkeeping between weight reads. Int8 weight-only models (`quantize_for_generation(model, "int8")`)
+take the same step with PyTorch's int8-weight kernel: half the bytes read per token.
 `LLaMA.forward` knows nothing of this: generation builds the step and calls it (lit_llama/generation.py).
 """
+import functools
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -89,12 +91,27 @@ def matrix(layer: nn.Linear) -> Union[torch.Tensor, Int8Matrix]:
     return Int8Matrix(weight.qdata, int8_scales([weight])) if is_int8(weight) else weight.detach()
 
 
-def matvec(weight: Union[torch.Tensor, Int8Matrix], x: torch.Tensor, bias: Optional[torch.Tensor] = None):
-    """weight @ x (+ bias) for one vector x: torch.mv, or for int8 PyTorch's CPU kernel that multiplies by the
-    int8 codes as they are (reading half the bytes of bf16)."""
+@functools.cache
+def mv_is_fastest() -> bool:
+    """Whether torch.mv is the fastest matrix-vector kernel here: on Intel CPUs, where it was measured fastest
+    (BENCHMARKS.md, "Matrix-vector kernels"). Elsewhere F.linear, the kernel the model's own layers use, so the step never
+    multiplies slower than they do."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            vendors = {line.split(":")[-1].strip() for line in cpuinfo if line.startswith("vendor_id")}
+    except OSError:
+        return False
+    return vendors == {"GenuineIntel"}
+
+
+def matvec(weight: Union[torch.Tensor, Int8Matrix], x: torch.Tensor, bias: Optional[torch.Tensor], mv: bool):
+    """weight @ x (+ bias) for one vector x: torch.mv (`mv`) or F.linear on x as one row, or for int8 PyTorch's CPU
+    kernel that multiplies by the int8 codes as they are (reading half the bytes of bf16)."""
     if type(weight) is Int8Matrix:
         y = torch._weight_int8pack_mm(x.unsqueeze(0), weight.codes, weight.scales).view(-1)
         return y if bias is None else y + bias
+    if not mv:
+        return F.linear(x.unsqueeze(0), weight, bias).view(-1)
     return torch.mv(weight, x) if bias is None else torch.addmv(bias, weight, x)
 
 
@@ -164,8 +181,10 @@ class DecodeStep:
     """One new token of one sequence through the whole model, over tensors looked up once per generation. It holds
     the model's KV cache and weights as it found them: build it after `setup_kv_cache`, drop it with the cache."""
 
-    def __init__(self, model: LLaMA) -> None:
+    def __init__(self, model: LLaMA, mv: Optional[bool] = None) -> None:
+        """`mv`: multiply through torch.mv (True) or F.linear (False); by default the faster here (`mv_is_fastest`)."""
         config = model.config
+        self.mv = mv_is_fastest() if mv is None else mv
         self.n_head, self.n_query_groups, self.head_size = config.n_head, config.n_query_groups, config.head_size
         self.eps, self.window = config.norm_eps, config.sliding_window
         self.layers = [
@@ -203,7 +222,7 @@ class DecodeStep:
         first = 0 if self.window is None else max(0, position + 1 - self.window)  # the oldest key in the window
         for layer in self.layers:
             h = rms_norm(x, layer.norm_1, self.eps)
-            heads = matvec(layer.qkv, h, layer.qkv_bias)
+            heads = matvec(layer.qkv, h, layer.qkv_bias, self.mv)
             heads = heads.view(n_head + 2 * n_query_groups, hs)
             qk = heads[: n_head + n_query_groups]
             if layer.q_norm is not None:
@@ -215,7 +234,7 @@ class DecodeStep:
             k, v = layer.k_cache[:, :, first : position + 1], layer.v_cache[:, :, first : position + 1]
             q = qk[:n_head].view(1, n_head, 1, hs)
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=n_query_groups != n_head)
-            x = x + matvec(layer.o_proj, y.view(-1))
-            gate, up = matvec(layer.gate_up, rms_norm(x, layer.norm_2, self.eps)).chunk(2)
-            x = x + matvec(layer.down_proj, F.silu(gate) * up)
-        return matvec(self.lm_head, rms_norm(x, self.ln_f, self.eps)).view(1, 1, -1)
+            x = x + matvec(layer.o_proj, y.view(-1), None, self.mv)
+            gate, up = matvec(layer.gate_up, rms_norm(x, layer.norm_2, self.eps), None, self.mv).chunk(2)
+            x = x + matvec(layer.down_proj, F.silu(gate) * up, None, self.mv)
+        return matvec(self.lm_head, rms_norm(x, self.ln_f, self.eps), None, self.mv).view(1, 1, -1)

@@ -124,8 +124,9 @@ def test_decode_step_before_after_smoke(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")][1:]
-    assert [row[0].strip() for row in rows] == ["baseline", "plain model", "fast_decode"]
-    # the random weights are the same for all three, so are the greedy tokens (fp32 init, bf16 run)
+    assert [row[0].strip() for row in rows] == ["baseline", "plain model", "fast_decode, torch.mv",
+                                                "fast_decode, F.linear"]
+    # the random weights are the same for all, so are the greedy tokens (fp32 init, bf16 run)
     assert all(row[3].strip() == "True" for row in rows)
 
 

@@ -134,10 +134,11 @@ def test_decode_step_and_chunked_prefill_give_the_full_forwards_numbers(converte
         full = model(idx)
         model.setup_kv_cache(batch_size=1, max_seq_length=24)
         chunks = [model(idx[:, :5], input_pos=0), model(idx[:, 5:13], input_pos=5)]
-        step = DecodeStep.for_model(model)
-        assert step is not None
-        chunks += [step(idx[:, i : i + 1], i) for i in range(13, 24)]
-    assert_close(torch.cat(chunks, dim=1), full, ulps=64)
+        assert DecodeStep.for_model(model) is not None
+        for mv in (True, False):  # both kernels on any CPU, whichever the step picks here
+            step = DecodeStep(model, mv=mv)
+            steps = [step(idx[:, i : i + 1], i) for i in range(13, 24)]
+            assert_close(torch.cat(chunks + steps, dim=1), full, ulps=64)
     if converted.family == "mistral":  # beyond the window the window matters
         model.config.sliding_window = None
         model.clear_kv_cache()

@@ -10,7 +10,7 @@ from conftest import assert_close
 from lit_llama.checkpoint import save_config
 from lit_llama.files import save_torch
 from lit_llama.generation import Runtime, generate, generate_batch, sample, stream_text
-from lit_llama.fast_decode import DecodeStep, packed_weight
+from lit_llama.fast_decode import DecodeStep, mv_is_fastest, packed_weight
 from lit_llama.model import LLaMA, Config
 from lit_llama.tokenizer import Tokenizer
 from tiny_tokenizers import make_byte_level_bpe, make_sentencepiece
@@ -157,19 +157,22 @@ def test_packed_weights_train_and_unpack_correctly():
     assert all(packed_weight(layers) is None for layers in block_projections(model))
 
 
-# the step multiplies through torch.mv where the module path calls F.linear on one row: bit for bit the same on an
-# Intel Xeon with AMX, but another CPU's kernels may sum in another order (last bits of bf16, rounding of fp32)
+# the step multiplies through torch.mv (or F.linear on a packed matrix) where the module path calls F.linear on one
+# row: bit for bit the same on an Intel Xeon with AMX, but another CPU's kernels may sum in another order (last bits
+# of bf16, rounding of fp32)
 STEP_ULPS = {torch.float32: 64, torch.bfloat16: 4}
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])  # MHA with its own head; GQA with a tied head
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_step_gives_the_module_path_numbers(name, dtype):
+@pytest.mark.parametrize("mv", [True, False])  # both kernels on any CPU, whichever the step picks here
+def test_decode_step_gives_the_module_path_numbers(name, dtype, mv):
     model = tiny_model(name).to(dtype)
     reference = copy.deepcopy(model)
     for m in (model, reference):
         m.setup_kv_cache(batch_size=1, max_seq_length=12)
-    step = DecodeStep.for_model(model)
+    assert DecodeStep.for_model(model).mv == mv_is_fastest()
+    step = DecodeStep(model, mv=mv)
     prompt = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
         for m in (model, reference):
