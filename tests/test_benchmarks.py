@@ -156,3 +156,15 @@ def test_the_matvec_benchmark_times_the_decode_steps_shapes_and_products():
     codes, scales = torch.randint(-127, 128, (96, 64), dtype=torch.int8), torch.rand(96, dtype=torch.bfloat16) / 127
     torch.testing.assert_close(reduction(x, codes, scales),
                                torch._weight_int8pack_mm(x.unsqueeze(0), codes, scales).view(-1), atol=0.05, rtol=2e-2)
+
+
+def test_the_decode_breakdown_parts_add_up_to_the_whole_token(tmp_path):
+    result = run_script("benchmarks/decode_breakdown.py", "--checkpoint_dir", str(tmp_path / "absent"),
+                        "--rounds", "1", "--tokens", "3")
+    assert result.returncode == 0, result.stderr
+    rows = {row[0].strip(): row[1:] for row in (line.split("|")[1:-1] for line in result.stdout.splitlines()
+                                                 if line.startswith("| bf16") or line.startswith("| int8"))}
+    for mode in ("bf16", "int8"):
+        whole, *parts = rows[mode]
+        assert math.isclose(float(whole.split()[0]), sum(float(part) for part in parts), abs_tol=0.02)  # 2 decimals
+    assert set(rows) == {"bf16", "int8", "bf16 / int8"}
