@@ -47,6 +47,8 @@ def main(
         tokens: Steps per round, at positions 20 to 20 + tokens.
         threads: torch.set_num_threads.
     """
+    if rounds < 1 or tokens < 1:
+        raise SystemExit("error: --rounds and --tokens must be at least 1")
     torch.set_num_threads(threads)
     real = (checkpoint_dir / "lit-llama.pth").is_file()
 
