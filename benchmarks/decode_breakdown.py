@@ -21,14 +21,15 @@ from lit_llama.cli import run_cli  # noqa: E402
 from lit_llama.quantize import quantize_for_generation  # noqa: E402
 from generation import cpu_name, random_model  # noqa: E402
 
-def skipping(multiply, keep_rows: int):
-    """fast_decode.matvec that multiplies only matrices of `keep_rows` rows (the head's) and returns zeros else."""
+
+def skipping(multiply, kept: list):
+    """fast_decode.matvec that multiplies only the matrices in `kept` (the heads) and returns zeros for the rest."""
     zeros = {}
 
     def matvec(weight, x, bias, mv):
-        rows = (weight.codes if type(weight) is fast_decode.Int8Matrix else weight).size(0)
-        if rows == keep_rows:
+        if any(weight is matrix for matrix in kept):
             return multiply(weight, x, bias, mv)
+        rows = (weight.codes if type(weight) is fast_decode.Int8Matrix else weight).size(0)
         if rows not in zeros:
             zeros[rows] = torch.zeros(rows, dtype=x.dtype)
         return zeros[rows]
@@ -56,15 +57,15 @@ def main(
         return load(checkpoint_dir, "cpu", torch.bfloat16)[0].eval() if real else random_model(config_name).bfloat16()
 
     multiply = fast_decode.matvec
-    steps, head_rows = {}, None
+    steps = {}
     for mode, model in {"bf16": bf16_model(), "int8": quantize_for_generation(bf16_model(), "int8")}.items():
         model.setup_kv_cache(batch_size=1, max_seq_length=20 + tokens + 1)
         steps[mode] = fast_decode.DecodeStep.for_model(model)
         if steps[mode] is None:
             raise SystemExit(f"error: fast_decode's step does not apply to the {mode} {config_name} model")
-        head_rows = model.config.padded_vocab_size
-    # every product; the head's only; none
-    products = {"all": multiply, "head": skipping(multiply, head_rows), "none": skipping(multiply, -1)}
+    heads = [step.lm_head for step in steps.values()]
+    # every product; the heads' only; none
+    products = {"all": multiply, "head": skipping(multiply, heads), "none": skipping(multiply, [])}
     times = {(mode, kept): [] for mode in steps for kept in products}
     token = torch.tensor([[1]])
     try:

@@ -118,7 +118,8 @@ def main(
         state_dict = current_model.LLaMA(current_model.Config.from_name(config_name)).state_dict()
     old = model_module_at(baseline)
     cache_length = position + 1
-    variants = ["plain model", "fast_decode, torch.mv", "fast_decode, F.linear"] + (["compiled static", "compiled static, freezing"] if compile else [])
+    variants = ["plain model", "fast_decode, torch.mv", "fast_decode, F.linear"]
+    variants += ["compiled static", "compiled static, freezing"] if compile else []
     models = {name: build(current_model, config_name, state_dict, cache_length) for name in variants}
     models["baseline"] = build(old, config_name, state_dict, cache_length)
     if hasattr(models["baseline"], "prepare_decoding"):

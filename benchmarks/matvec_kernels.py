@@ -5,9 +5,10 @@ here; this shows whether it is on a given CPU.
 
     python benchmarks/matvec_kernels.py --rounds 15
 
-Kernels: `torch.mv` and `F.linear` (bf16; fast_decode uses torch.mv on Intel CPUs, F.linear elsewhere), a `torch.compile`d reduction (the product
-written as multiply-and-sum, which Inductor fuses into one pass over the weight), and for int8 weight-only codes
-PyTorch's `_weight_int8pack_mm` (what fast_decode uses) and the same compiled reduction over the codes.
+Kernels: `torch.mv` and `F.linear` (bf16; fast_decode uses torch.mv on Intel CPUs, F.linear elsewhere), a
+`torch.compile`d reduction (the product written as multiply-and-sum, which Inductor fuses into one pass over the
+weight), and for int8 weight-only codes PyTorch's `_weight_int8pack_mm` (what fast_decode uses) and the same compiled
+reduction over the codes.
 """
 import statistics
 import sys

@@ -156,8 +156,9 @@ def report_decode(checkpoint_dir: Path, config_name: str, rounds: int, new_token
         speed = ""
         if mode in speeds:
             values, ratios = speeds[mode], [round(a / b, 2) for a, b in zip(speeds[mode], speeds["bf16"])]
+            ratio = statistics.median(values) / statistics.median(speeds["bf16"])
             speed = (f"{statistics.median(values):6.1f} tokens/s (rounds {[round(v, 1) for v in values]}), "
-                     f"x{statistics.median(values) / statistics.median(speeds['bf16']):.2f} bf16 (per round {ratios}); ")
+                     f"x{ratio:.2f} bf16 (per round {ratios}); ")
         equal = [f"{sum(a == b for a, b in zip(text, reference))}/{len(reference)} ({divergence(text, reference)})"
                  for text, reference in zip(texts, references)]
         print(f"  {mode:5}: {speed}free-running, tokens equal bf16's per question: "

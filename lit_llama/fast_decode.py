@@ -94,8 +94,8 @@ def matrix(layer: nn.Linear) -> Union[torch.Tensor, Int8Matrix]:
 @functools.cache
 def mv_is_fastest() -> bool:
     """Whether torch.mv is the fastest matrix-vector kernel here: on Intel CPUs, where it was measured fastest
-    (BENCHMARKS.md, "Matrix-vector kernels"). Elsewhere F.linear, the kernel the model's own layers use, so the step never
-    multiplies slower than they do."""
+    (BENCHMARKS.md, "Matrix-vector kernels"). Elsewhere F.linear, the kernel the model's own layers use, so the step
+    never multiplies slower than they do."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             vendors = {line.split(":")[-1].strip() for line in cpuinfo if line.startswith("vendor_id")}
