@@ -18,4 +18,4 @@ demo: install
 	$(BIN)/python scripts/quickstart.py
 
 test: install
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=25

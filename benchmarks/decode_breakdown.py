@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lit_llama.fast_decode as fast_decode  # noqa: E402
 from lit_llama.checkpoint import load  # noqa: E402
-from lit_llama.cli import run_cli  # noqa: E402
+from lit_llama.cli import run_cli
+from lit_llama.precision import cpu_summary  # noqa: E402
 from lit_llama.quantize import quantize_for_generation  # noqa: E402
-from generation import cpu_name, random_model  # noqa: E402
+from generation import random_model  # noqa: E402
 
 
 def skipping(multiply, kept: list):
@@ -80,7 +81,7 @@ def main(
                         times[mode, kept].append((time.perf_counter() - start) / tokens * 1e3)
     finally:
         fast_decode.matvec = multiply
-    print(f"{checkpoint_dir if real else 'random ' + config_name}, {cpu_name()}, {threads} threads, {rounds} rounds "
+    print(f"{checkpoint_dir if real else 'random ' + config_name}, {cpu_summary()}, {threads} threads, {rounds} rounds "
           f"of {tokens} tokens, torch.mv: {steps['bf16'].mv}")
     print("| | whole token, ms median (min-max) | block products | head | the rest |")
     print("|---|---|---|---|---|")

@@ -1,6 +1,9 @@
 """Generation speed on this machine: lit-llama's `generate` vs Hugging Face transformers' `generate`, same weights.
 
-All run greedy in bf16 on the same prompt and are forced to make every one of `new_tokens` tokens (EOS disabled).
+All run greedy on the same prompt and are forced to make every one of `new_tokens` tokens (EOS disabled).
+lit-llama runs in the precision it defaults to on this CPU (bf16 weights, whose prefill runs its products in fp32
+where bf16 is not native; `--precision 32-true` to force fp32 weights); transformers in fp32 (its default dtype for a model built in code, and
+what its users on a CPU without native bf16 run) and in bf16.
 lit-llama runs twice: as `generate` runs a frozen model on a CPU (fast_decode's `DecodeStep`), and through the plain
 model's modules (as it runs a model with trainable weights, e.g. evaluation during finetuning).
 They are interleaved A B C A B C ... for `rounds` rounds so that drifting load on a shared machine hits all alike;
@@ -34,6 +37,7 @@ from lit_llama.convert import config_to_hf, lit_to_hf_name
 from lit_llama.generation import generate
 from lit_llama.errors import UserError
 from lit_llama.model import LLaMA, Config
+from lit_llama.precision import describe, resolve_precision, weights_dtype
 from lit_llama.quantize import parameter_bytes, quantize_for_generation
 
 
@@ -44,8 +48,8 @@ def random_model(name: str) -> LLaMA:
     return model.requires_grad_(False)  # frozen, as `load` returns a model
 
 
-def hf_model(model: LLaMA):
-    """transformers' LlamaForCausalLM holding the same weights as `model`."""
+def hf_model(model: LLaMA, dtype: torch.dtype = torch.bfloat16):
+    """transformers' LlamaForCausalLM holding the same weights as `model`, in `dtype`."""
     import transformers
 
     config = model.config
@@ -59,7 +63,7 @@ def hf_model(model: LLaMA):
     hf.load_state_dict(state_dict, strict=False)  # a tied head has no key of its own
     hf.generation_config.eos_token_id = None  # make all tokens
     hf.generation_config.pad_token_id = 0
-    return hf.to(torch.bfloat16).eval()
+    return hf.to(dtype).eval()
 
 
 def quantize_int8_like_ours(hf) -> None:
@@ -99,13 +103,6 @@ def copy_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
     return 2 * source.numel() / statistics.median(times)
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def bytes_per_token(model: LLaMA) -> int:
     """Weights read to decode one token: every matrix once (the embedding only by its one looked-up row, but a tied
     head reads it whole), norms included."""
@@ -123,8 +120,9 @@ def main(
     rounds: int = 5,
     threads: int = 2,
     quantize: Optional[str] = None,
+    precision: Optional[str] = None,
 ) -> None:
-    """Benchmark bf16 greedy generation against transformers.
+    """Benchmark greedy generation against transformers.
 
     Args:
         checkpoint_dir: A converted checkpoint; if it does not exist, a random-weight SmolLM2-135M.
@@ -133,8 +131,10 @@ def main(
         rounds: Interleaved rounds (each times both implementations once).
         threads: torch.set_num_threads for both.
         quantize: "int8": both sides weight-only int8 (torchao's Int8Tensor, one scale per row).
+        precision: lit-llama's precision (default: what generation defaults to on this CPU).
     """
     torch.set_num_threads(threads)
+    precision = resolve_precision(precision, decoding=True)
     if checkpoint_dir is not None and checkpoint_dir.is_dir():
         model, _ = load(checkpoint_dir, "cpu", torch.float32)
         source = str(checkpoint_dir)
@@ -142,46 +142,53 @@ def main(
         torch.manual_seed(0)
         model = random_model("SmolLM2-135M")
         source = "random-weight SmolLM2-135M"
-    hf = hf_model(model)
-    model = model.to(torch.bfloat16).eval()
+    hf_models = {"transformers fp32": hf_model(model, torch.float32), "transformers bf16": hf_model(model)}
+    model = model.to(weights_dtype(precision)).eval()
     if quantize is not None:
         if quantize != "int8":
             raise UserError(f"--quantize {quantize!r}: transformers and lit-llama share int8 (torchao) only")
         quantize_for_generation(model, "int8")
-        quantize_int8_like_ours(hf)
+        hf_models = {"transformers bf16 int8": hf_models["transformers bf16"]}
+        quantize_int8_like_ours(hf_models["transformers bf16 int8"])
     prompt = torch.randint(0, model.config.vocab_size, (prompt_length,), generator=torch.Generator().manual_seed(0))
 
-    time_ours(model, prompt, 8), time_ours(model, prompt, 8, fast=False), time_hf(hf, prompt, 8)  # warm-up
-    ours, plain, theirs = [], [], []
+    time_ours(model, prompt, 8), time_ours(model, prompt, 8, fast=False)  # warm-up
+    for hf in hf_models.values():
+        time_hf(hf, prompt, 8)
+    ours, plain, theirs = [], [], {name: [] for name in hf_models}
+    hf_tokens = {}
     for r in range(rounds):
         seconds, our_tokens = time_ours(model, prompt, new_tokens)
         ours.append(new_tokens / seconds)
         seconds, plain_tokens = time_ours(model, prompt, new_tokens, fast=False)
         plain.append(new_tokens / seconds)
-        seconds, hf_tokens = time_hf(hf, prompt, new_tokens)
-        theirs.append(new_tokens / seconds)
+        for name, hf in hf_models.items():
+            seconds, hf_tokens[name] = time_hf(hf, prompt, new_tokens)
+            theirs[name].append(new_tokens / seconds)
         print(f"round {r + 1}: lit-llama {ours[-1]:.1f} tok/s (plain model {plain[-1]:.1f}), "
-              f"transformers {theirs[-1]:.1f} tok/s", file=sys.stderr)
-    agree = next((i for i, (a, b) in enumerate(zip(our_tokens, hf_tokens)) if a != b), len(our_tokens))
-    plain_agree = next((i for i, (a, b) in enumerate(zip(our_tokens, plain_tokens)) if a != b), len(our_tokens))
+              + ", ".join(f"{name} {values[-1]:.1f}" for name, values in theirs.items()), file=sys.stderr)
+
+    def agreement(tokens: list[int]) -> int:
+        return next((i for i, (a, b) in enumerate(zip(our_tokens, tokens)) if a != b), len(our_tokens))
 
     bandwidth = copy_bandwidth()
     bound = bandwidth / bytes_per_token(model)
-    median_ours, median_plain, median_theirs = (statistics.median(values) for values in (ours, plain, theirs))
-    print(f"| machine | {cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} |")
+    median_ours, median_plain = statistics.median(ours), statistics.median(plain)
+    print(f"| machine | {describe(precision, torch.device('cpu'))}, {os.cpu_count()} cores |")
     print(f"| versions | python {platform.python_version()}, torch {torch.__version__}, "
           f"transformers {__import__('transformers').__version__} |")
-    print(f"| model | {source}, {quantize or 'bf16'}, prompt {prompt_length} tokens, {new_tokens} new tokens, greedy |")
+    print(f"| model | {source}, {quantize or precision}, prompt {prompt_length} tokens, {new_tokens} new tokens, "
+          f"greedy, {rounds} rounds |")
     print(f"| lit-llama | {median_ours:.1f} tok/s (min {min(ours):.1f}, max {max(ours):.1f}) |")
     print(f"| lit-llama, plain model path | {median_plain:.1f} tok/s (min {min(plain):.1f}, max {max(plain):.1f}) |")
-    print(f"| transformers | {median_theirs:.1f} tok/s (min {min(theirs):.1f}, max {max(theirs):.1f}) |")
-    print(f"| ratio (medians) | {median_ours / median_theirs:.2f}x |")
+    for name, values in theirs.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.1f} tok/s (min {min(values):.1f}, max {max(values):.1f}); lit-llama "
+              f"{median_ours / median:.2f}x; the first {agreement(hf_tokens[name])} of {new_tokens} tokens agree |")
     print(f"| copy bandwidth | {bandwidth / 1e9:.1f} GB/s; "
           f"weights read per token {bytes_per_token(model) / 1e6:.0f} MB |")
     print(f"| bandwidth bound | {bound:.1f} tok/s; lit-llama reaches {100 * median_ours / bound:.0f}% of it |")
-    print(f"| same greedy tokens | transformers: the first {agree} of {new_tokens} agree; plain model path: "
-          f"{plain_agree} of {new_tokens} |")
-
+    print(f"| same greedy tokens | plain model path: the first {agreement(plain_tokens)} of {new_tokens} |")
 
 if __name__ == "__main__":
     run_cli(main)

@@ -2,7 +2,8 @@
 
 Same weights (our checkpoint, converted to HF with scripts/convert_lit_checkpoint.py, and from HF to litgpt by
 what `litgpt convert_to_litgpt` runs), the same pre-tokenized samples in the same order (no tokenizer differences),
-LoRA r=8 alpha=16 dropout=0.05 on q and v, micro-batch 4 with dynamic padding, AdamW, bf16 weights, the same
+LoRA r=8 alpha=16 dropout=0.05 on q and v, micro-batch 4 with dynamic padding, AdamW, the same frozen-weight dtype
+(`--precision`: by default what finetune/lora.py picks on this CPU, bf16 where bf16 is native, else fp32), the same
 number of torch threads.
 Each measurement is a fresh subprocess (so peak RSS is that tool's alone), and the tools are interleaved
 A B C A B C ... so drifting load on a shared machine hits all of them alike. The runners are in benchmarks/peers/;
@@ -25,10 +26,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from lit_llama.checkpoint import load_config, weights_path
 from lit_llama.files import load_torch, save_json
 from lit_llama.cli import run_cli
 from lit_llama.errors import UserError
+from lit_llama.precision import describe, resolve_precision
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -156,6 +160,7 @@ def main(
     litgpt_model_name: str = "SmolLM2-135M-Instruct",
     seed: int = 1337,
     quantize: Optional[str] = None,
+    precision: Optional[str] = None,
 ) -> None:
     """Measure LoRA training tokens/s and peak RSS of each tool, interleaved over several rounds.
 
@@ -174,7 +179,12 @@ def main(
         litgpt_model_name: litgpt's name for the architecture (convert_to_litgpt needs it).
         seed: Seed of the workload.
         quantize: nf4 for QLoRA (lit-llama and hf+peft only).
+        precision: bf16-true or 32-true for every tool (default: what finetune/lora.py defaults to on this CPU: bf16
+            where bf16 is native, fp32 elsewhere).
     """
+    precision = resolve_precision(precision)
+    if precision not in ("bf16-true", "32-true"):
+        raise UserError(f"--precision {precision}: the tools are compared in bf16-true or 32-true")
     unknown = [t for t in tools if t not in RUNNERS]
     if unknown:
         raise UserError(f"unknown tool(s) {', '.join(unknown)}: choose from {', '.join(RUNNERS)}")
@@ -200,7 +210,8 @@ def main(
             python = sys.executable if tool == "lit-llama" else peers_python
             output = run(
                 [python, HERE / "peers" / RUNNERS[tool], "--workload", workload, "--model_dir", model_dirs[tool],
-                 "--warmup", warmup, "--steps", steps, "--micro_batch", micro_batch, "--threads", threads]
+                 "--warmup", warmup, "--steps", steps, "--micro_batch", micro_batch, "--threads", threads,
+                 "--precision", precision]
                 + (["--quantize", quantize] if quantize else []),
                 capture=True,
             )
@@ -215,6 +226,7 @@ def main(
             )
     summary = summarize(results, tools)
     save_json({"summary": summary, "results": results}, work_dir / "results.json")
+    print(f"{describe(precision, torch.device('cpu'), training=True)}; {rounds} rounds of {steps} steps")
     print(markdown_table(summary))
 
 

@@ -6,7 +6,8 @@ shape when there is none):
   and quantized as it is made, so it is never whole in bf16. Two workloads: the seed's micro-batch (activations
   dominate) and a short one with activation checkpointing (the weights dominate). Besides the process's peak RSS,
   the step's own memory: the peak minus the RSS before the model was built (interpreter, torch, torchao);
-- greedy decode tokens/s of bf16 vs int8 and int4 weight-only, interleaved round by round, and how many of the
+- greedy decode tokens/s of bf16 vs int8 and int4 weight-only (and fp32, the exact model: on a CPU without native
+  bf16, the precision a quantized kernel must beat to be worth it), interleaved round by round, and how many of the
   greedy tokens agree with bf16's on four questions (on the real checkpoint), next to the fp32 model's: how far
   bf16's own rounding already carries a greedy text from the exact model's.
 
@@ -25,6 +26,7 @@ import torch
 
 from lit_llama.checkpoint import load
 from lit_llama.cli import run_cli
+from lit_llama.precision import cpu_summary
 from lit_llama.generation import generate
 from lit_llama.model import LLaMA, Config
 from lit_llama.prompts import resolve_prompt_style
@@ -32,7 +34,7 @@ from lit_llama.tokenizer import Tokenizer
 from lit_llama.quantize import parameter_bytes, quantize_for_generation, quantize_weight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation import cpu_name, random_model  # noqa: E402
+from generation import random_model  # noqa: E402
 from memory_7b import random_lora_model, train_step  # noqa: E402
 
 MiB = 2**20
@@ -68,8 +70,8 @@ def measure_step(config_name: str, quantize: Optional[str], workload: str, threa
 
 
 def decode(checkpoint_dir: Optional[Path], config_name: str, new_tokens: int, rounds: int, threads: int) -> dict:
-    """Greedy tokens/s of the bf16 model and its int8 and int4 weight-only copies, interleaved round by round on the
-    first question; then each model's greedy tokens for every question, the fp32 model's among them."""
+    """Greedy tokens/s of the bf16 model, its int8 and int4 weight-only copies and the fp32 model, interleaved round
+    by round on the first question; then each model's greedy tokens for every question."""
     torch.set_num_threads(threads)
     real = checkpoint_dir is not None and checkpoint_dir.is_dir()
 
@@ -80,7 +82,7 @@ def decode(checkpoint_dir: Optional[Path], config_name: str, new_tokens: int, ro
         return random_model(config_name).to(dtype).eval()
 
     models = {"bf16": base_model(), "int8": quantize_for_generation(base_model(), "int8"),
-              "int4": quantize_for_generation(base_model(), "int4")}
+              "int4": quantize_for_generation(base_model(), "int4"), "fp32": base_model(torch.float32)}
     if real:  # questions in the model's chat template: text it was trained on, not noise
         style, tokenizer = resolve_prompt_style(None, checkpoint_dir), Tokenizer(checkpoint_dir)
         prompts = [style.encode_prompt(tokenizer, style.apply(question)) for question in QUESTIONS]
@@ -96,7 +98,6 @@ def decode(checkpoint_dir: Optional[Path], config_name: str, new_tokens: int, ro
             start = time.perf_counter()
             tokens = list(generate(model, prompts[0], new_tokens, temperature=0.0))
             speeds[mode].append(len(tokens) / (time.perf_counter() - start))
-    models["fp32"] = base_model(torch.float32)  # the exact model, not timed
     texts = {mode: [list(generate(model, prompt, new_tokens, temperature=0.0)) for prompt in prompts]
              for mode, model in models.items()}
     # free-running greedy texts part at the first near-tie and then differ for good; teacher-forced, each model
@@ -122,7 +123,7 @@ def child(command: list) -> dict:
 def report_steps(config_name: str, rounds: int, threads: int) -> None:
     for workload in WORKLOADS:
         print(f"{config_name}, one LoRA step (r=8 on q, v) of {workload}, {threads} threads, {rounds} rounds, "
-              f"{cpu_name()}")
+              f"{cpu_summary()}")
         steps = {}
         for quantize in ("bf16", "nf4", "nf4-dq", "int8"):
             args = ["--config_name", config_name, "--role", "step", "--workload", workload, "--threads", threads]
@@ -151,7 +152,7 @@ def report_decode(checkpoint_dir: Path, config_name: str, rounds: int, new_token
                      "--rounds", rounds, "--new_tokens", new_tokens, "--threads", threads])
     speeds, references = decoded["speeds"], decoded["texts"]["bf16"]
     print(f"{decoded['source']}, greedy decode of {new_tokens} tokens, {rounds} interleaved rounds on the first of "
-          f"{len(references)} questions, {threads} threads, {cpu_name()}")
+          f"{len(references)} questions, {threads} threads, {cpu_summary()}")
     for mode, texts in decoded["texts"].items():
         speed = ""
         if mode in speeds:

@@ -28,10 +28,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from generation import cpu_name, hf_model  # noqa: E402
+from generation import hf_model  # noqa: E402
 
 from lit_llama.checkpoint import load, load_config  # noqa: E402
-from lit_llama.cli import run_cli  # noqa: E402
+from lit_llama.cli import run_cli
+from lit_llama.precision import cpu_summary  # noqa: E402
 from lit_llama.errors import UserError  # noqa: E402
 from lit_llama.prompts import resolve_prompt_style  # noqa: E402
 
@@ -168,7 +169,7 @@ def main(
 
     import transformers
 
-    print(f"| machine | {cpu_name()}, {os.cpu_count()} cores, torch threads {threads} (shared machine) |")
+    print(f"| machine | {cpu_summary()}, {os.cpu_count()} cores, torch threads {threads} (shared machine) |")
     print(f"| versions | python {platform.python_version()}, torch {torch.__version__}, "
           f"transformers {transformers.__version__} |")
     print(f"| workload | {checkpoint_dir.name}, {precision}, greedy chat replies of at most {max_tokens} tokens, "

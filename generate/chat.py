@@ -40,7 +40,8 @@ class ChatArgs:
         top_p: Sample among the most likely tokens holding this much probability.
         context_length: KV cache size in tokens (default: the model's block_size); older turns are dropped beyond.
         seed: Random seed.
-        precision: bf16-true, 32-true, ... (default: bf16-true where supported).
+        precision: bf16-true, 32-true, ... (default: bf16-true: bf16 weights, whose products of many rows run in fp32 on a CPU
+            without native bf16; 32-true on a GPU without bf16).
     """
 
     checkpoint_path: Optional[Path] = None
@@ -73,6 +74,7 @@ def main(settings: ChatArgs) -> None:
         style_name = style_name or record["prompt_style"]
     else:
         model, tokenizer = load(settings.checkpoint_path, runtime.device, runtime.dtype)
+    runtime.announce()
     style = resolve_prompt_style(style_name, tokenizer.path.parent)
     multi_turn = style.chat_template is not None
     if not multi_turn:

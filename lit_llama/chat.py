@@ -23,6 +23,7 @@ from lit_llama.errors import UserError
 from lit_llama.fast_decode import DecodeStep
 from lit_llama.generation import sample, stream_text
 from lit_llama.model import LLaMA
+from lit_llama.precision import products_for
 from lit_llama.prompts import PromptStyle
 
 COMMANDS = "/reset (start over), /system <text> (set the system message), /exit (quit); Ctrl-C stops a reply"
@@ -127,7 +128,8 @@ class ChatSession:
         new = torch.tensor([prompt[reused:]], dtype=torch.long, device=self.device)
         last = torch.zeros(new.shape, dtype=torch.bool, device=self.device)
         last[:, -1] = True
-        logits = self.model(new, input_pos=reused, logits_at=last)[:, :vocab]
+        with products_for(new.numel(), self.model.transformer.wte.weight):  # fp32 where bf16 is not native
+            logits = self.model(new, input_pos=reused, logits_at=last)[:, :vocab]
         self.cached = list(prompt)
         for _ in range(settings.max_new_tokens):
             token = sample(logits, settings.temperature, settings.top_k, settings.top_p)

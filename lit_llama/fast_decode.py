@@ -5,15 +5,14 @@ tensor code, the numbers of `LLaMA.forward` up to the summation order of one mat
     logits = step(token, position) if step else model(token, input_pos=position)
 
 A decode step of one sequence reads every weight once to multiply it by one vector. On a CPU three things make that
-faster: the fastest matrix-vector kernel of the CPU (`torch.mv` on Intel, 1.4x F.linear on one row there; F.linear
-elsewhere: on the AMD EPYC measured torch.mv was the slower by 1.2-1.5x; BENCHMARKS.md, "Matrix-vector kernels");
+faster: the fastest matrix-vector kernel of the CPU, chosen by what the CPU can do (`mv_is_fastest`; BENCHMARKS.md,
+"Matrix-vector kernels");
 each block's q, k, v weights (and gate, up) packed back to back in one block of memory, each weight a view of its
 rows, so one product reads them instead of several small ones; and no per-layer module calls, attribute lookups and
 batch and head bookkeeping between weight reads. Int8 weight-only models (`quantize_for_generation(model, "int8")`)
 take the same step with PyTorch's int8-weight kernel: half the bytes read per token.
 `LLaMA.forward` knows nothing of this: generation builds the step and calls it (lit_llama/generation.py).
 """
-import functools
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as module_globals
 
 from lit_llama.model import MLP, Block, CausalSelfAttention, LLaMA, RMSNorm, apply_rope, rms_norm
+from lit_llama.precision import cpu_has_amx, cpu_has_native_bf16
 from lit_llama.quantize import QuantizedLinear, int8_kernel_applies, is_quantized
 
 
@@ -91,17 +91,13 @@ def matrix(layer: nn.Linear) -> Union[torch.Tensor, Int8Matrix]:
     return Int8Matrix(weight.qdata, int8_scales([weight])) if is_int8(weight) else weight.detach()
 
 
-@functools.cache
 def mv_is_fastest() -> bool:
-    """Whether torch.mv is the fastest matrix-vector kernel here: on Intel CPUs, where it was measured fastest
-    (BENCHMARKS.md, "Matrix-vector kernels"). Elsewhere F.linear, the kernel the model's own layers use, so the step
-    never multiplies slower than they do."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            vendors = {line.split(":")[-1].strip() for line in cpuinfo if line.startswith("vendor_id")}
-    except OSError:
-        return False
-    return vendors == {"GenuineIntel"}
+    """Whether torch.mv is the fastest one-row bf16 product here, by what the CPU can do (the same answer on every
+    run, so greedy text never depends on a timing; BENCHMARKS.md, "Matrix-vector kernels"): F.linear where bf16 is
+    native without AMX (AVX512-BF16, e.g. AMD Zen 4: oneDNN's bf16 dot products, 1.2-1.5x torch.mv), torch.mv
+    elsewhere: with AMX (Sapphire Rapids: 1.35x F.linear, whose tiles idle at one row) and where bf16 is not
+    native (AVX2 only: F.linear has no fast bf16 kernel there)."""
+    return cpu_has_amx() or not cpu_has_native_bf16()
 
 
 def matvec(weight: Union[torch.Tensor, Int8Matrix], x: torch.Tensor, bias: Optional[torch.Tensor], mv: bool):
@@ -182,7 +178,8 @@ class DecodeStep:
     the model's KV cache and weights as it found them: build it after `setup_kv_cache`, drop it with the cache."""
 
     def __init__(self, model: LLaMA, mv: Optional[bool] = None) -> None:
-        """`mv`: multiply through torch.mv (True) or F.linear (False); by default the faster here (`mv_is_fastest`)."""
+        """`mv`: multiply through torch.mv (True) or F.linear (False); by default the faster on this kind of CPU
+        (`mv_is_fastest`)."""
         config = model.config
         self.mv = mv_is_fastest() if mv is None else mv
         self.n_head, self.n_query_groups, self.head_size = config.n_head, config.n_query_groups, config.head_size

@@ -17,7 +17,7 @@ import torch
 from lit_llama.errors import UserError
 from lit_llama.fast_decode import DecodeStep
 from lit_llama.model import LLaMA
-from lit_llama.precision import autocast_dtype, resolve_precision, weights_dtype
+from lit_llama.precision import autocast_dtype, describe, products_for, resolve_precision, weights_dtype
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.8, top_k: Optional[int] = 200, top_p: float = 1.0) -> torch.Tensor:
@@ -92,14 +92,19 @@ def generate_batch(
         # the prefill needs logits for the last position only: skip the output projection for the rest
         last = torch.zeros(prompts.shape, dtype=torch.bool, device=device)
         last[:, -1] = True
-        logits = model(prompts.to(device), input_pos=0, logits_at=last)[:, :vocab]
+        with products_for(prompts.numel(), model.transformer.wte.weight):  # fp32 where bf16 is not native
+            logits = model(prompts.to(device), input_pos=0, logits_at=last)[:, :vocab]
         for position in range(prompt_length, total):
             tokens = sample(logits, temperature, top_k, top_p)
             yield tokens[:, 0]
             finished |= torch.isin(tokens[:, 0], stop)
             if bool(finished.all()) or position + 1 >= total:
                 return
-            logits = step(tokens, position) if step else model(tokens, input_pos=position)
+            if step:
+                logits = step(tokens, position)
+            else:
+                with products_for(batch_size, model.transformer.wte.weight):
+                    logits = model(tokens, input_pos=position)
             logits = logits[:, -1, :vocab]
     finally:
         model.clear_kv_cache()
@@ -118,6 +123,10 @@ class Runtime:
         """The dtype to load weights in (fp32 for mixed precision, which autocasts the matmuls)."""
         return weights_dtype(self.precision)
 
+    def announce(self) -> None:
+        """The precision, the hardware facts that chose it and the threads, as one line on stderr."""
+        print(describe(self.precision, self.device), file=sys.stderr, flush=True)
+
     def autocast(self):
         dtype = autocast_dtype(self.precision)
         if dtype is None:
@@ -125,13 +134,16 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
-def setup_runtime(precision: Optional[str] = None, seed: int = 1234) -> Runtime:
-    """CUDA if present, else CPU; `precision=None` picks bf16-true where supported, else 32-true; seeds torch."""
+def setup_runtime(precision: Optional[str] = None, seed: int = 1234, batched: bool = False) -> Runtime:
+    """CUDA if present, else CPU; `precision=None` picks bf16-true on CPUs and bf16 GPUs, else 32-true; `batched`
+    (evaluation: every step multiplies many rows) picks as training does, bf16 only where it is native
+    (lit_llama/precision.py). Seeds torch. `Runtime.announce` says which precision, and why, once the model is
+    loaded (an error before it stays the only line)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(seed)
-    return Runtime(device, resolve_precision(precision))
+    return Runtime(device, resolve_precision(precision, decoding=not batched))
 
 
 def check_length(prompt_length: int, max_new_tokens: int, block_size: int) -> int:
@@ -232,8 +244,8 @@ class SamplingArgs:
         top_p: Sample only among the most likely tokens holding this much probability (1.0: no limit).
         temperature: Sharpen (<1) or flatten (>1) the distribution; 0 is greedy.
         seed: Random seed, so a run can be repeated.
-        precision: bf16-true, 32-true, bf16-mixed (fp32 weights, bf16 autocast) or 16-true (default: bf16-true
-            where supported, else 32-true).
+        precision: bf16-true, 32-true, bf16-mixed (fp32 weights, bf16 autocast) or 16-true (default: bf16-true,
+            whose products of many rows run in fp32 on a CPU without native bf16; 32-true on a GPU without bf16).
         compile: torch.compile the model (slow first call, faster after).
     """
 
@@ -264,7 +276,8 @@ def generate_text(
 ):
     """What a generate script does once its model is loaded: compile it if asked and generate `settings.num_samples`
     continuations of `prompt_ids` (each printed after `prefix`); returns their token ids."""
-    print(f"Loaded in {time.perf_counter() - runtime.started:.2f} sec ({runtime.precision} on {runtime.device})",
+    runtime.announce()
+    print(f"Loaded in {time.perf_counter() - runtime.started:.2f} sec",
           file=sys.stderr)
     if settings.compile:
         model = torch.compile(model, dynamic=True)

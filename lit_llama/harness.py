@@ -23,9 +23,9 @@ except ImportError:  # the script reports it as one line; importing this module 
 from lit_llama.checkpoint import load
 from lit_llama.errors import UserError
 from lit_llama.finetuned import load_finetuned
-from lit_llama.generation import Runtime, generate_batch
+from lit_llama.generation import Runtime, generate_batch, setup_runtime
 from lit_llama.model import LLaMA
-from lit_llama.precision import resolve_precision
+from lit_llama.precision import products_for
 from lit_llama.tokenizer import Tokenizer
 
 DEFAULT_MAX_GEN_TOKENS = 256  # the harness's default when a task names none (as its hf model)
@@ -127,7 +127,8 @@ class HarnessLM(TemplateLM):
             scored[r, len(inputs) - length : len(inputs)] = True
         device = self.runtime.device
         with self.runtime.autocast():
-            logits = self.model(idx.to(device), logits_at=scored.to(device))
+            with products_for(idx.numel(), self.model.transformer.wte.weight):  # fp32 where bf16 is not native
+                logits = self.model(idx.to(device), logits_at=scored.to(device))
         logprobs = F.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
         return list(logprobs.split([length for _, length in rows]))
 
@@ -222,13 +223,16 @@ def load_model(
     checkpoint_path: Optional[Path], finetuned_path: Optional[Path], precision: Optional[str], default_checkpoint: Path
 ) -> tuple[LLaMA, Tokenizer, Runtime, str]:
     """The model to evaluate (a finetune merged where it merges), its tokenizer, where it runs, and its name."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runtime = Runtime(device, resolve_precision(precision))
+    runtime = setup_runtime(precision, batched=True)
+    device = runtime.device
     if finetuned_path is None:
         model, tokenizer = load(checkpoint_path or default_checkpoint, device=device, dtype=runtime.dtype)
-        return model, tokenizer, runtime, str(checkpoint_path or default_checkpoint)
-    model, tokenizer, _ = load_finetuned(finetuned_path, checkpoint_path, device=device, dtype=runtime.dtype)
-    return model, tokenizer, runtime, str(finetuned_path)
+        name = str(checkpoint_path or default_checkpoint)
+    else:
+        model, tokenizer, _ = load_finetuned(finetuned_path, checkpoint_path, device=device, dtype=runtime.dtype)
+        name = str(finetuned_path)
+    runtime.announce()
+    return model, tokenizer, runtime, name
 
 
 def task_manager(tasks: list[str], include_path: Optional[Path]):

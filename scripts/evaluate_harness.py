@@ -37,7 +37,8 @@ def main(
         num_fewshot: examples shown before each question (default: each task's own).
         limit: evaluate only the first N documents of each task (a fraction below 1: that share of them).
         batch_size: requests per forward pass (loglikelihoods) or per generation batch.
-        precision: Fabric precision name; default bf16 where supported.
+        precision: Fabric precision name; default bf16 where bf16 is native, else fp32 (scoring whole sequences
+            is bound by arithmetic, as training is: lit_llama/precision.py).
         log_samples: also write every request's prompt, model answer and score to the output JSON.
         seed: seed for the few-shot example choice and any sampling.
         output_json: where the harness's results are written.

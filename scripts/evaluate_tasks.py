@@ -17,8 +17,7 @@ from lit_llama.files import check_can_write, read_json_object, save_json
 from lit_llama.data import load_records, parse_json, parse_jsonl
 from lit_llama.cli import OutputPath, run_cli
 from lit_llama.finetuned import load_finetuned
-from lit_llama.generation import generate_batch
-from lit_llama.precision import resolve_precision, weights_dtype
+from lit_llama.generation import generate_batch, setup_runtime
 from lit_llama.chat_data import load_conversations
 from lit_llama.errors import UserError
 from lit_llama.prompts import resolve_prompt_style
@@ -56,7 +55,8 @@ def main(
         max_new_tokens: the longest answer generated (generation also stops a few tokens past the reference's
             length, where an exact match is no longer possible).
         batch_size: how many records with prompts of equal length are answered together.
-        precision: Fabric precision name; default bf16 where supported.
+        precision: Fabric precision name; default bf16 where bf16 is native, else fp32 (batches of answers are
+            bound by arithmetic, as training is: lit_llama/precision.py).
         output_json: where the per-record answers and the scores are written.
     """
     for flag, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("max_records", max_records)):
@@ -64,8 +64,8 @@ def main(
             raise UserError(f"--{flag} must be at least 1, got {value}")
     check_can_write(output_json, "--output_json")  # before the long work, not after it
     records = evaluation_records(data_file or data_dir / "test.json")[:max_records]
-    dtype = weights_dtype(resolve_precision(precision))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    runtime = setup_runtime(precision, batched=True)
+    device, dtype = runtime.device, runtime.dtype
     if finetuned_path is None:
         checkpoint_path = checkpoint_path or DEFAULT_CHECKPOINT
         model, tokenizer = load(checkpoint_path, device=device, dtype=dtype)
@@ -74,6 +74,7 @@ def main(
         model, tokenizer, finetune_config = load_finetuned(finetuned_path, checkpoint_path, device=device, dtype=dtype)
         checkpoint_path = checkpoint_path or finetune_config["base_checkpoint"]
         trained_style = finetune_config.get("prompt_style")
+    runtime.announce()
     style = resolve_prompt_style(
         prompt_style or trained_style or dataset_prompt_style(data_dir, data_file), tokenizer.path.parent
     )
@@ -95,7 +96,7 @@ def main(
     groups = [same[k : k + batch_size] for same in by_length.values() for k in range(0, len(same), batch_size)]
     answers = {}
     start = time.perf_counter()
-    with tqdm(total=len(records), desc="evaluating", unit="record", file=sys.stderr) as bar:
+    with tqdm(total=len(records), desc="evaluating", unit="record", file=sys.stderr) as bar, runtime.autocast():
         for group in groups:
             steps = generate_batch(model, torch.stack([prompts[i] for i in group]), max(budgets[i] for i in group),
                                    temperature=0, stop_ids=tokenizer.stop_ids)

@@ -19,9 +19,16 @@ from lit_llama.cli import run_cli
 from lit_llama.errors import UserError
 from lit_llama.files import load_torch
 from lit_llama.lora import LoRAArgs
+from lit_llama.precision import bf16_supported
 from lit_llama.training import TrainArgs
 
 REPO = Path(__file__).resolve().parent.parent
+# the recipe by the precision training defaults to here (lit_llama/precision.py): fp32 on a CPU without native bf16
+# trains ~2.5x fewer tokens a second than bf16 on one with it, so that recipe takes fewer steps of less padding to
+# finish in the same minutes (BENCHMARKS.md, "Main job")
+BF16_RECIPE = dict(max_steps=150, batch_size=16, group_by_length=False, why="bf16 is native here")
+FP32_RECIPE = dict(max_steps=90, batch_size=8, group_by_length=True,
+                   why="training runs in fp32 here (bf16 is not native)")
 
 
 def main(
@@ -32,9 +39,9 @@ def main(
     test_split_size: int = 300,
     eval_records: int = 240,
     epochs: int = 1,
-    max_steps: Optional[int] = 150,
-    batch_size: int = 16,
-    micro_batch_size: int = 16,
+    max_steps: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    micro_batch_size: Optional[int] = None,
     learning_rate: float = 2e-3,
     lora_r: int = 16,
     lora_alpha: float = 32,
@@ -42,6 +49,7 @@ def main(
     max_new_tokens: int = 40,
     prompt_style: Optional[str] = None,
     quantize: Optional[str] = None,
+    group_by_length: Optional[bool] = None,
 ) -> None:
     """Run the seed flow end to end on SmolLM2-135M-Instruct and print what the finetuning achieved.
 
@@ -53,9 +61,10 @@ def main(
         test_split_size: Held-out records.
         eval_records: Held-out records evaluated before and after finetuning.
         epochs: Passes over the training set (max_steps stops earlier).
-        max_steps: Optimizer steps of LoRA finetuning.
-        batch_size: Samples per optimizer step.
-        micro_batch_size: Samples per forward/backward pass.
+        max_steps: Optimizer steps of LoRA finetuning (default: 150 where bf16 is native; where training runs in
+            fp32, on a CPU without native bf16, FP32_RECIPE's, which fits the same 10 minutes).
+        batch_size: Samples per optimizer step (default: 16 where bf16 is native, FP32_RECIPE's elsewhere).
+        micro_batch_size: Samples per forward/backward pass (default: batch_size).
         learning_rate: Peak learning rate.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha (the update is scaled by alpha / r).
@@ -64,7 +73,15 @@ def main(
         prompt_style: How records become prompts (default: the checkpoint's own chat template; chatml or alpaca to
             compare).
         quantize: Finetune over a quantized base (nf4, nf4-dq, int8: QLoRA) instead of the bf16 one.
+        group_by_length: Batch samples of similar length together (less padding; default: as max_steps).
     """
+    recipe = BF16_RECIPE if bf16_supported() else FP32_RECIPE
+    max_steps = recipe["max_steps"] if max_steps is None else max_steps
+    group_by_length = recipe["group_by_length"] if group_by_length is None else group_by_length
+    batch_size = recipe["batch_size"] if batch_size is None else batch_size
+    micro_batch_size = batch_size if micro_batch_size is None else micro_batch_size
+    print(f"# {recipe['why']}: {max_steps} steps of {batch_size} samples"
+          f"{', samples of similar length batched together' if group_by_length else ''}", flush=True)
     # every setting checked before the first step: a bad one would otherwise surface minutes in, at its step
     TrainArgs(learning_rate=learning_rate, batch_size=batch_size, micro_batch_size=micro_batch_size, epochs=epochs,
               max_steps=max_steps).check(world_size=1)
@@ -101,7 +118,8 @@ def main(
          "--train.batch_size", batch_size, "--train.micro_batch_size", micro_batch_size,
          "--train.learning_rate", learning_rate, "--train.warmup_steps", 10, "--train.save_interval", 1000,
          "--lora.r", lora_r, "--lora.alpha", lora_alpha, "--lora.dropout", 0.0, "--lora.targets", targets,
-         "--eval.interval", 1000, "--eval.iters", 4, *(["--quantize", quantize] if quantize else []))
+         "--eval.interval", 1000, "--eval.iters", 4, "--train.group_by_length", group_by_length,
+         *(["--quantize", quantize] if quantize else []))
     training_seconds = time.perf_counter() - start
     step("5. Evaluate the finetuned model on the same held-out split", "scripts/evaluate_tasks.py",
          "--checkpoint_path", weights, "--finetuned_path", lora_weights, "--data_dir", data_dir,

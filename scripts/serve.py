@@ -36,7 +36,8 @@ class ServeArgs:
         context_length: Tokens per request, prompt and reply (the KV cache of each slot; default: the model's
             block_size, at most 2048).
         max_tokens: Reply length for a request that gives no max_tokens (bounded by the context).
-        precision: bf16-true, 32-true, ... (default: bf16-true where supported).
+        precision: bf16-true, 32-true, ... (default: bf16-true: bf16 weights, whose products of many rows run in fp32 on a CPU
+            without native bf16; 32-true on a GPU without bf16).
     """
 
     checkpoint_path: Path = Path("checkpoints/smollm2-135m-instruct")
@@ -65,6 +66,7 @@ def main(settings: ServeArgs) -> None:
         settings.checkpoint_path, parse_adapters(settings.lora), settings.base_name, settings.prompt_style,
         settings.max_batch_size, settings.context_length, settings.max_tokens, runtime.device, runtime.dtype,
     )
+    runtime.announce()
     print(f"listening on http://{settings.host}:{settings.port}/v1 (Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
 

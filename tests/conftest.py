@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# how long a step that should take seconds may run before a test calls it a hang: far above what a loaded 2-core
+# machine without native bf16 needs (the slowest kind CI lands on), so that only a real hang fails
+HANG_SECONDS = 300
 
 
 def run_script(script: str, *args, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -17,13 +17,13 @@ from typing import Callable
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import HANG_SECONDS, REPO, run_script
 from lit_llama.checkpoint import CHECKPOINT_NAME, CONFIG_NAME
 from lit_llama.errors import UserError
 from lit_llama.files import save_torch
 from tiny_runs import finetune_main, make_inputs, settings
 
-CASE_SECONDS = 60
+CASE_SECONDS = HANG_SECONDS
 
 
 @dataclass

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import HANG_SECONDS, REPO
 from lit_llama.adapter import ADAPTER, AdapterArgs, add_adapter
 from lit_llama.checkpoint import load
 from lit_llama.finetuned import FINETUNE_CONFIG_NAME, load_finetuned
@@ -165,7 +165,7 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tmp_path):
         assert os.read(process.stdout.fileno(), 1)
         process.send_signal(signal.SIGINT)
         time.sleep(0.2)
-        stdout, stderr = process.communicate(b"Hi\n/exit\n", timeout=60)
+        stdout, stderr = process.communicate(b"Hi\n/exit\n", timeout=HANG_SECONDS)
     finally:
         process.kill()
     stderr = stderr.decode()

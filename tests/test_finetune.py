@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 
-from conftest import REPO, assert_close, run_script
+from conftest import HANG_SECONDS, REPO, assert_close, run_script
 from lit_llama.batching import collate, epoch_steps
 from lit_llama.checkpoint import load
 from lit_llama.data import IGNORE_INDEX, load_prepared
@@ -203,11 +203,11 @@ def test_sigterm_saves_a_resumable_checkpoint(inputs, tmp_path, single_thread):
         stderr=subprocess.PIPE, text=True,
     )
     metrics = out_dir / "logs" / "metrics.csv"
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_SECONDS
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
         time.sleep(0.1)
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=HANG_SECONDS)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "stopped by SIGTERM" in stderr and "--resume auto" in stderr
     resume_files = list(out_dir.glob("iter-*-resume.pth"))

@@ -29,6 +29,8 @@ def runner_arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads, the same for every tool")
     parser.add_argument("--quantize", choices=["nf4"], help="QLoRA: the frozen base in NF4 (compute in bf16)")
+    parser.add_argument("--precision", choices=["bf16-true", "32-true"], default="bf16-true",
+                        help="the frozen weights' dtype and the compute dtype, the same for every tool")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(1337)

@@ -1,4 +1,4 @@
-"""LoRA training throughput of Hugging Face transformers + PEFT, the way their docs train: LlamaForCausalLM in bf16,
+"""LoRA training throughput of Hugging Face transformers + PEFT, the way their docs train: LlamaForCausalLM in bf16 (fp32 with `--precision 32-true`),
 `peft.get_peft_model` with a LoraConfig on q_proj/v_proj, and the plain loop Trainer runs (forward, loss, backward,
 AdamW step). With `--quantize nf4`, QLoRA as their docs set it up: the model loaded through bitsandbytes in NF4
 (`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`, compute in bf16; every linear layer but the
@@ -26,7 +26,8 @@ def main() -> None:
             bnb_4bit_quant_storage=torch.uint8,
         )
     model = LlamaForCausalLM.from_pretrained(
-        args.model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", quantization_config=quantization,
+        args.model_dir, dtype=torch.bfloat16 if args.precision == "bf16-true" else torch.float32,
+        attn_implementation="sdpa", quantization_config=quantization,
         device_map="cpu",
     )
     lora = LoraConfig(

@@ -1,5 +1,5 @@
 """LoRA training throughput of lit-llama, with the very pieces finetune/lora.py trains with: `setup_fabric` and
-`load_model` (frozen weights in bf16, or quantized with `--quantize nf4`: QLoRA; LoRA A/B in fp32, on q_proj/v_proj)
+`load_model` (frozen weights in bf16 or fp32 as `--precision` says, or quantized with `--quantize nf4`: QLoRA; LoRA A/B in fp32, on q_proj/v_proj)
 and `loss_sum` (the output head only at positions whose label counts), AdamW. Runs with the project's own Python; benchmarks/lora_training.py calls it, with
 `--model_dir` the lit-llama checkpoint directory (weights, model_config.json, tokenizer files).
 """
@@ -23,7 +23,7 @@ from common import measure, runner_arguments  # noqa: E402
 
 def main() -> None:
     args = runner_arguments(__doc__)
-    precision = "bf16-true"
+    precision = args.precision
     fabric = setup_fabric(1, 1, precision, Path(tempfile.mkdtemp(prefix="lit-llama-bench-")))
     lora = LoRAArgs(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=["query", "value"])
     # the prompt style is only recorded in finetune_config, which the benchmark does not save

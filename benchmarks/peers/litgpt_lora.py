@@ -17,7 +17,7 @@ from common import measure, runner_arguments  # noqa: E402
 
 def main() -> None:
     args = runner_arguments(__doc__)
-    fabric = L.Fabric(accelerator="cpu", devices=1, precision="bf16-true")
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=args.precision)
     config = Config.from_file(
         args.model_dir / "model_config.yaml", lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, lora_query=True, lora_value=True,

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_llama.model import LLaMA
+from lit_llama.precision import products_for
 from lit_llama.serving.multi_lora import AdapterRouting
 
 
@@ -142,7 +143,8 @@ class Engine:
             prompt = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
             self.routing.rows = torch.tensor([request.adapter], device=self.device)
             try:
-                logits = self.forward(prompt, torch.tensor([0], device=self.device), slot)
+                with products_for(prompt.numel(), self.model.transformer.wte.weight):  # fp32 if bf16 is not native
+                    logits = self.forward(prompt, torch.tensor([0], device=self.device), slot)
             except Exception:
                 request.emit(Event(error="internal error while reading the prompt (see the server log)"))
                 raise
@@ -165,7 +167,8 @@ class Engine:
         adapters = [r.adapter for r in self.active]
         self.stats["mixed_steps"] += len(set(adapters)) > 1  # rows through different adapters in one step
         self.routing.rows = torch.tensor(adapters, device=self.device)
-        logits = self.forward(tokens, positions, None)
+        with products_for(tokens.numel(), self.model.transformer.wte.weight):
+            logits = self.forward(tokens, positions, None)
         self.lengths = [length + 1 for length in self.lengths]
         self.sample_and_emit(logits)
 

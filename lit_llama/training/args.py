@@ -100,8 +100,9 @@ class FinetuneArgs:
         eval: Validation during training.
         devices: Devices (GPUs) per node; more than one shards the model with FSDP.
         num_nodes: Machines to train on (see howto/multi_gpu.md).
-        precision: bf16-true (default where supported for LoRA and the adapters: bf16 base, fp32 trained weights),
-            bf16-mixed (default for full finetuning: fp32 weights, bf16 compute), 32-true, ...
+        precision: bf16-true (default where bf16 is native, a bf16 GPU or a CPU with AVX512-BF16/AMX, for LoRA and
+            the adapters: bf16 base, fp32 trained weights), bf16-mixed (likewise for full finetuning: fp32 weights,
+            bf16 compute), 32-true (the default elsewhere, e.g. on CPUs with AVX2 only), ...
         quantize: Hold the frozen base weights of the transformer blocks as nf4, nf4-dq (NF4 with quantized scales,
             QLoRA's double quantization) or int8, dequantized layer by layer in each product (LoRA and the adapters
             only; see howto/finetune_lora.md).

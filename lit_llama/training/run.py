@@ -1,9 +1,10 @@
 """`finetune`: what each finetune script runs, from its settings to the saved weights."""
+import sys
 from dataclasses import asdict
 
 from lit_llama.errors import UserError
 from lit_llama.method import Method
-from lit_llama.precision import resolve_precision
+from lit_llama.precision import describe, resolve_precision
 from lit_llama.quantize import check_training_mode
 from lit_llama.training.args import FinetuneArgs
 from lit_llama.training.loop import Run, fit
@@ -37,6 +38,8 @@ def finetune(method: Method, options, settings: FinetuneArgs) -> None:
     problem = fabric.broadcast(problem)
     if problem:
         raise UserError(problem)
+    if fabric.global_rank == 0:
+        print(describe(precision, fabric.device, training=True), file=sys.stderr, flush=True)
     # after the claim: a refused run must not write into the run it would have overwritten
     log_hyperparameters(fabric, asdict(settings) | {"method": method.name, "precision": precision})
     try:
