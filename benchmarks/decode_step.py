@@ -34,6 +34,7 @@ from lit_llama.files import load_torch  # noqa: E402
 from lit_llama.cli import run_cli  # noqa: E402
 from lit_llama.fast_decode import DecodeStep  # noqa: E402
 from lit_llama.model import LLaMA, apply_rope  # noqa: E402
+from lit_llama.precision import cpu_summary  # noqa: E402
 
 
 def model_module_at(revision: str):
@@ -152,6 +153,7 @@ def main(
                 if round_index:
                     times[name].append((time.perf_counter() - begin) / steps_per_round * 1e3)
     plain = statistics.median(times["plain model"])
+    print(f"{cpu_summary()}, bf16, {torch.get_num_threads()} threads")
     print(f"| variant | ms per decode step, median of {rounds - 1} (min-max) | speed-up vs plain model "
           f"| same {greedy_tokens} greedy tokens as plain model |")
     print("|---|---|---|---|")

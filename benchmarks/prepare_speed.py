@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_llama.cli import run_cli
+from lit_llama.precision import cpu_summary
 
 REPO = Path(__file__).resolve().parent.parent
 SYLLABLES = "ka lo mi ne ru sa te vi do fa gu ha ji ko lu ma no pe qui ri so tu ve wa xi yo ze an el in on un".split()
@@ -114,7 +115,7 @@ def main(
         each = ", ".join(f"{s:.1f}" for s in wall)
         median_wall, median_cpu = statistics.median(wall), statistics.median(cpu)
         print(f"| {name} ({tokenizer.name}) | {num_records} | {median_wall:.1f} | {median_cpu:.1f} | {each} |")
-    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end (other work slows the wall clock)")
+    print(f"{cpu_summary()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end (other work slows the wall clock)")
 
 
 if __name__ == "__main__":
