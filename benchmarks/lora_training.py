@@ -61,15 +61,17 @@ def prepared_samples(data_file: Path, count: int, seed: int) -> list[dict]:
     return samples[:count]
 
 
-def prepare_weights(checkpoint_dir: Path, work_dir: Path, peers_python: Path, litgpt_model_name: str) -> dict:
-    """Each tool's copy of the same weights: lit-llama's checkpoint, its HF conversion, HF -> litgpt."""
+def prepare_weights(checkpoint_dir: Path, work_dir: Path, peers_python: Path, litgpt_model_name: str,
+                    tools: list[str]) -> dict:
+    """Each tool's copy of the same weights: lit-llama's checkpoint, its HF conversion, HF -> litgpt (only for the
+    `tools` compared: a peers' venv without litgpt serves hf+peft)."""
     hf_dir, litgpt_dir = work_dir / "hf", work_dir / "litgpt"
     source, hf_weights = weights_path(checkpoint_dir), hf_dir / "model.safetensors"
     if not hf_weights.is_file() or source.stat().st_mtime > hf_weights.stat().st_mtime:  # new or stale
         converter = REPO / "scripts" / "convert_lit_checkpoint.py"
         run([sys.executable, converter, "--checkpoint_path", source, "--output_dir", hf_dir])
         shutil.rmtree(litgpt_dir, ignore_errors=True)
-    if not (litgpt_dir / "lit_model.pth").is_file():
+    if "litgpt" in tools and not (litgpt_dir / "lit_model.pth").is_file():
         litgpt_dir.mkdir(parents=True, exist_ok=True)
         for name in ("config.json", "model.safetensors"):
             shutil.copy(hf_dir / name, litgpt_dir / name)
@@ -202,7 +204,7 @@ def main(
     )
     workload = work_dir / "workload.json"
     save_json({"source": str(data_file or "alpaca-like synthetic"), "samples": samples}, workload)
-    model_dirs = prepare_weights(checkpoint_dir, work_dir, peers_python, litgpt_model_name)
+    model_dirs = prepare_weights(checkpoint_dir, work_dir, peers_python, litgpt_model_name, tools)
 
     results = []
     for round_index in range(rounds):

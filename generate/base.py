@@ -4,6 +4,7 @@
 
 The text streams to stdout as it is generated; timing and memory go to stderr. Every option: -h.
 """
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -13,7 +14,7 @@ import torch
 from lit_llama.checkpoint import load
 from lit_llama.cli import run_cli
 from lit_llama.generation import SamplingArgs, generate_text, setup_runtime
-from lit_llama.quantize import check_generation_mode, quantize_for_generation
+from lit_llama.quantize import check_generation_mode, generation_speed_note, quantize_for_generation
 from lit_llama.tokenizer import Tokenizer
 
 
@@ -41,6 +42,9 @@ def main(settings: GenerateArgs) -> None:
     model, tokenizer = load(settings.checkpoint_path, runtime.device, runtime.dtype)
     if settings.quantize:
         quantize_for_generation(model, settings.quantize)
+        note = generation_speed_note(settings.quantize)
+        if note:
+            print(note, file=sys.stderr)
     if settings.tokenizer_path is not None:
         tokenizer = Tokenizer(settings.tokenizer_path)
     generate_text(model, tokenizer, tokenizer.encode(settings.prompt), runtime, settings, prefix=settings.prompt)

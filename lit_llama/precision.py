@@ -33,8 +33,9 @@ PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-true", "16-mixed", "64-t
 # the CPU flags that decide the precision and kernels, as /proc/cpuinfo names them
 DECIDING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 # rows from which an fp32 product (with the weight copied to fp32) beats a bf16 one on a CPU without native bf16:
-# 5-6 rows of SmolLM2's block matrices on an AMD EPYC with AVX2 only (BENCHMARKS.md, "Precision by CPU")
-FP32_PRODUCT_MIN_ROWS = 6
+# about 16 rows of SmolLM2's block matrices on an AMD EPYC with AVX2 only (1.0-1.2x there; 2.6-2.9x at 64 rows,
+# 5.8-6.1x at 512; BENCHMARKS.md, "Precision by CPU")
+FP32_PRODUCT_MIN_ROWS = 16
 
 
 @functools.cache

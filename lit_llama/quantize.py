@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.errors import UserError
+from lit_llama.precision import cpu_flags
 
 TRAINING_MODES = {
     "nf4": "4-bit NormalFloat, one bf16 absmax per 64 weights (4.25 bits per weight)",
@@ -87,6 +88,17 @@ def check_generation_mode(mode: Optional[str]) -> Optional[str]:
     if mode is not None and mode not in GENERATION_MODES:
         raise UserError(f"unknown --quantize {mode!r} for generation: choose from {', '.join(GENERATION_MODES)}")
     return mode
+
+
+def generation_speed_note(mode: Optional[str]) -> Optional[str]:
+    """A line to show where a weight-only mode decodes slower than bf16 weights on this CPU, by what the CPU can do:
+    PyTorch's int4 CPU kernel has no fast path without AVX-512 (0.82x bf16 on an AMD EPYC with AVX2 only; still
+    1.5x fp32 and a quarter of bf16's memory, which is why the mode is kept: BENCHMARKS.md, "Weight-only
+    generation")."""
+    if mode == "int4" and "avx512f" not in cpu_flags():
+        return ("--quantize int4: without AVX-512 this CPU decodes int4 weights slower than bf16 ones (about 0.8x); "
+                "leave --quantize out for speed, keep int4 for a quarter of bf16's memory")
+    return None
 
 
 def is_quantized(weight: torch.Tensor) -> bool:

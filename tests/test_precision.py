@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_close, run_script
-from lit_llama import fast_decode, precision
+from lit_llama import fast_decode, precision, quantize
 from lit_llama.errors import UserError
 from lit_llama.precision import FP32_PRODUCT_MIN_ROWS, Fp32Products, describe, products_for, resolve_precision
 from test_generate import checkpoint, tiny_model  # noqa: F401 (checkpoint: a fixture)
@@ -151,3 +151,10 @@ def test_the_demo_recipe_follows_the_precision_training_runs_in(native, monkeypa
     assert result.returncode == 2 and "--eval_records (0)" in result.stderr
     expected = "150 steps of 16 samples" if native == "1" else "90 steps of 8 samples, samples of similar length"
     assert expected in result.stdout
+
+
+@pytest.mark.parametrize(("flags", "slower"), [({"avx2"}, True), ({"avx2", "avx512f"}, False)])
+def test_int4_generation_says_where_it_decodes_slower_than_bf16(monkeypatch, flags, slower):
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset(flags))
+    assert (quantize.generation_speed_note("int4") is not None) == slower
+    assert quantize.generation_speed_note("int8") is None and quantize.generation_speed_note(None) is None

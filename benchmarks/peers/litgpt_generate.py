@@ -88,7 +88,8 @@ def main() -> None:
     sys.path.insert(0, str(HERE.parent))
     from lora_training import prepare_weights
 
-    model_dirs = prepare_weights(args.checkpoint_dir, args.work_dir, args.peers_python, args.litgpt_model_name)
+    model_dirs = prepare_weights(args.checkpoint_dir, args.work_dir, args.peers_python, args.litgpt_model_name,
+                                 ["litgpt"])
     speeds, tokens = {"lit-llama": [], "litgpt": []}, {}
     for round_index in range(args.rounds):
         for tool, python in (("lit-llama", sys.executable), ("litgpt", args.peers_python)):
