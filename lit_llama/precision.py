@@ -4,15 +4,15 @@ computes natively, and by the kind of work.
 Two kinds of work want different things from a CPU (BENCHMARKS.md, "Precision by CPU"):
 - products of many rows (training, a prompt's prefill, a batch of decoding rows) are bound by arithmetic: bf16 is
   fast only where the CPU multiplies bf16 natively (AVX512-BF16 or AMX; PyTorch's oneDNN check says). A CPU with
-  AVX2 only multiplies bf16 matrices 8x (576-wide) to 90x (1024-wide) slower than fp32.
+  AVX2 only multiplies bf16 matrices 6-8x (576-wide) to 90x (1024-wide) slower than fp32.
 - decoding one sequence reads every weight once per token and is bound by memory bandwidth: bf16 weights (half of
   fp32's bytes) decode faster on every CPU, native bf16 or not.
 
 So by default training computes in bf16 only where bf16 is native (fp32 elsewhere), and generation holds bf16
 weights on every CPU; where bf16 is not native, its forwards of many rows (prefill, batches) run their products in
 fp32 (`products_for`, `Fp32Products`), each bf16 weight copied into an fp32 scratch buffer first (a 500-token
-prefill as fast as fp32 weights'; 5-6x bf16's). The
-numbers are bf16's either way: bf16 inputs, fp32 sums, bf16 outputs.
+prefill at 0.9x fp32 weights' speed, 5x bf16's). The numbers are bf16's either way: bf16 inputs, fp32 sums, bf16
+outputs.
 
 `LIT_LLAMA_NATIVE_BF16=0` (or `1`) makes the choice as a CPU without (with) native bf16 would: how the tests and
 developers run the other kinds' paths on the machine at hand.
