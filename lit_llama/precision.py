@@ -97,8 +97,9 @@ def bf16_supported() -> bool:
 
 def resolve_precision(precision: Optional[str], mixed: bool = False, decoding: bool = False) -> str:
     """`None` means automatic. Training: bf16 where the hardware computes it natively (`-mixed` for full finetuning),
-    else fp32. `decoding` (generation, chat, serving, evaluation): bf16 weights on every CPU too, as they decode one
-    sequence about twice as fast as fp32 ones (products of many rows then run in fp32: `Runtime.autocast`)."""
+    else fp32 (batched evaluation picks this way too). `decoding` (generate, chat, serve): bf16 weights on every CPU,
+    as they decode one sequence about twice as fast as fp32 ones (forwards of many rows then multiply in fp32 where
+    bf16 is not native: `products_for`)."""
     if precision is None:
         on_cpu = not torch.cuda.is_available()
         if bf16_supported() or (decoding and on_cpu):
