@@ -96,6 +96,7 @@ TASKS = {
 
 # far more than a finetune of these tasks needs, and still seconds to generate (beyond it: minutes and gigabytes)
 MAX_RECORDS = 1_000_000
+SOURCE = "builtin tasks"  # how meta.json names a dataset of these tasks
 
 
 def generate(num_records: int, seed: int) -> list[dict]:

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 
 from lit_llama.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, check_shapes
-from lit_llama.files import atomic_path, save_all
+from lit_llama.files import atomic_path, check_outputs, save_all
 from lit_llama.errors import UserError
 from lit_llama.model import LLaMA, Config
 from lit_llama.tokenizer import TOKENIZER_FILES
@@ -210,6 +210,13 @@ def pad_vocab(weight: torch.Tensor, config: Config) -> torch.Tensor:
     if missing <= 0:
         return weight
     return torch.cat((weight, weight.new_zeros(missing, weight.size(1))))
+
+
+def check_checkpoint_outputs(output_dir: Union[str, Path], inputs: list, overwrite: bool) -> None:
+    """Before converting: the checkpoint files `output_dir` would receive may be replaced only with --overwrite, and
+    never when they are the conversion's own inputs."""
+    names = (CHECKPOINT_NAME, CONFIG_NAME, *TOKENIZER_FILES)
+    check_outputs("--output_dir", [Path(output_dir) / name for name in names], inputs, overwrite)
 
 
 def write_checkpoint(state_dict: dict, config: Config, output_dir: Union[str, Path], source: str) -> Path:

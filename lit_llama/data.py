@@ -26,12 +26,13 @@ import torch
 from tqdm import tqdm
 
 from lit_llama.cli import OutputPath
-from lit_llama.files import atomic_path, load_torch, read_json_object, save_all
+from lit_llama.files import atomic_path, check_outputs, load_torch, read_json_object, save_all
 from lit_llama.errors import UserError
 from lit_llama.prompts import PromptStyle, resolve_prompt_style
 from lit_llama.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # the label value cross-entropy skips
+PREPARED_FILES = ("train.pt", "test.pt", "test.json", "meta.json")  # meta.json, which marks a dataset complete, last
 
 
 def load_tokenizer(checkpoint_dir: Path, tokenizer_path: Optional[Path] = None) -> Tokenizer:
@@ -58,6 +59,7 @@ class PrepareArgs:
         prompt_style: Prompt template: "alpaca", "chatml", "chat_template" (the checkpoint's own) or one you
             registered in lit_llama/prompts.py; default: the checkpoint's chat template if it has one, else alpaca.
         skip_long: Drop samples longer than max_seq_length instead of truncating them.
+        overwrite: Replace a dataset an earlier run prepared in destination_path.
     """
 
     destination_path: OutputPath = OutputPath("data/custom")
@@ -69,6 +71,15 @@ class PrepareArgs:
     mask_inputs: bool = True
     prompt_style: Optional[str] = None
     skip_long: bool = False
+    overwrite: bool = False
+
+
+def check_destination(settings: PrepareArgs, *inputs: Optional[Path], also: tuple = ()) -> None:
+    """Before tokenizing: the files a preparation writes (and `also`) may replace an earlier dataset only with
+    --overwrite, and never the records or tokenizer they are made from."""
+    outputs = [Path(settings.destination_path) / name for name in (*PREPARED_FILES, *also)]
+    inputs = (*inputs, settings.checkpoint_dir, settings.tokenizer_path)
+    check_outputs("--destination_path", outputs, inputs, settings.overwrite)
 
 
 def local_or_downloaded(data_file: Optional[Path], url: str, directory: Path) -> Path:
@@ -314,7 +325,7 @@ def prepared_meta(
 
 def write_prepared(directory: Path, train: list[dict], test: list[dict], test_records: list, meta: dict) -> None:
     """All or nothing: a failure leaves the dataset that was there before (meta.json, which marks it complete, last)."""
-    files = [("train.pt", train), ("test.pt", test), ("test.json", test_records), ("meta.json", meta)]
+    files = zip(PREPARED_FILES, (train, test, test_records, meta))
     save_all([(Path(directory) / name, obj) for name, obj in files])
 
 

@@ -117,8 +117,10 @@ def load_torch(path: Union[str, Path], mmap: bool = True):
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as error:
         culprit = re.search(r"GLOBAL (\S+)", str(error))
-        what = f" such as {culprit.group(1)}" if culprit else ""
-        raise UserError(f"refusing to load {path}: it holds Python objects{what}, not just tensors") from None
+        if culprit is None:  # bytes the unpickler could not even read: damage, not a hostile object
+            raise UserError(f"{path} is truncated or corrupt and cannot be read (not a checkpoint)") from None
+        raise UserError(f"refusing to load {path}: it holds Python objects such as {culprit.group(1)}, not just "
+                        "tensors") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError,
             TypeError) as error:  # what torch's two readers raise for bytes that are not a checkpoint
         raise UserError(f"{path} is truncated or corrupt and cannot be read ({type(error).__name__})") from None
@@ -155,3 +157,35 @@ def check_can_write(path: Path, flag: str) -> None:
         raise UserError(f"cannot write {flag} {path}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {flag} {path}: {existing} is not writable")
+
+
+def check_outputs(flag: str, outputs: Sequence[Union[str, Path]], inputs: Sequence[Union[str, Path, None]] = (),
+                  overwrite: bool = False) -> None:
+    """The policy every writer follows, checked before any long work: an output is never one of the command's inputs
+    (compared as files, so a symbolic or hard link to an input counts), an existing output is replaced only with
+    --overwrite, and the place is writable. `inputs` may name directories: each file directly in one is an input.
+    `flag` names the option that chose the outputs."""
+    outputs = [Path(path) for path in outputs]
+    for path in outputs:
+        check_can_write(path, flag)
+    existing = [path for path in outputs if path.exists()]
+    for path in existing:
+        for source in input_files(inputs):
+            if os.path.samefile(path, source):
+                raise UserError(f"{flag} would write {path} over {source}, one of this command's inputs: choose "
+                                "another path (nothing was changed)")
+    if existing and not overwrite:
+        names = ", ".join(str(path) for path in existing)
+        raise UserError(f"{flag}: {names} exist{'s' if len(existing) == 1 else ''} already: pass --overwrite true "
+                        "to replace, or choose another path (nothing was changed)")
+
+
+def input_files(inputs: Sequence[Union[str, Path, None]]) -> Iterator[Path]:
+    for path in inputs:
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            yield from (child for child in path.iterdir() if child.is_file())
+        elif path.exists():
+            yield path

@@ -6,7 +6,7 @@ and queries/keys use the "rotate half" RoPE convention that Hugging Face checkpo
 """
 import math
 import numbers
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch

@@ -13,7 +13,9 @@ from tqdm import tqdm
 
 from lit_llama.files import load_torch, read_json_object
 from lit_llama.cli import OutputPath, run_cli
-from lit_llama.convert import copy_tokenizer_files, interleaved_to_rotate_half, parse_dtype, write_checkpoint
+from lit_llama.convert import (
+    check_checkpoint_outputs, copy_tokenizer_files, interleaved_to_rotate_half, parse_dtype, write_checkpoint,
+)
 from lit_llama.errors import UserError
 from lit_llama.configs import configs, llama3_rope
 from lit_llama.model import Config
@@ -55,7 +57,8 @@ def find_tokenizer_dir(checkpoint_dir: Path) -> Optional[Path]:
 
 
 def main(
-    checkpoint_dir: Path, output_dir: OutputPath, model_size: str = "7B", dtype: Optional[str] = None
+    checkpoint_dir: Path, output_dir: OutputPath, model_size: str = "7B", dtype: Optional[str] = None,
+    overwrite: bool = False,
 ) -> None:
     """Convert a Meta LLaMA checkpoint directory into a lit-llama checkpoint directory.
 
@@ -64,6 +67,7 @@ def main(
         output_dir: Where lit-llama.pth, model_config.json and tokenizer.model are written.
         model_size: Config name the checkpoint's sizes start from (7B, 13B, Llama-2-7b, ...); params.json overrides it.
         dtype: Store the weights in this dtype (bfloat16, float16, float32); default: as in the checkpoint.
+        overwrite: Replace files an earlier run wrote there (never the command's own inputs).
     """
     if model_size not in configs:
         raise UserError(f"unknown --model_size {model_size!r}; known: {', '.join(configs)}")
@@ -72,6 +76,7 @@ def main(
     if not shard_paths or not params_file.is_file():
         raise UserError(f"{checkpoint_dir} needs consolidated.*.pth and params.json (Meta's checkpoint layout)")
     params = read_json_object(params_file)
+    check_checkpoint_outputs(output_dir, [checkpoint_dir, find_tokenizer_dir(checkpoint_dir)], overwrite)
     target_dtype = parse_dtype(dtype)
 
     shards = [load_torch(path) for path in shard_paths]  # memory-mapped: nothing is read until joined below

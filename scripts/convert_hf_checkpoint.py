@@ -12,7 +12,9 @@ from tqdm import tqdm
 
 from lit_llama.files import load_torch, read_json_object
 from lit_llama.cli import OutputPath, run_cli
-from lit_llama.convert import config_from_hf, copy_tokenizer_files, hf_to_lit_name, parse_dtype, write_checkpoint
+from lit_llama.convert import (
+    check_checkpoint_outputs, config_from_hf, copy_tokenizer_files, hf_to_lit_name, parse_dtype, write_checkpoint,
+)
 from lit_llama.errors import UserError
 
 
@@ -56,18 +58,20 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield from load_torch(path).items()
 
 
-def main(checkpoint_dir: Path, output_dir: OutputPath, dtype: Optional[str] = None) -> None:
+def main(checkpoint_dir: Path, output_dir: OutputPath, dtype: Optional[str] = None, overwrite: bool = False) -> None:
     """Convert a Hugging Face Llama-family checkpoint directory into a lit-llama checkpoint directory.
 
     Args:
         checkpoint_dir: Directory with config.json, the weights and the tokenizer files (from huggingface-cli download).
         output_dir: Where lit-llama.pth, model_config.json and the tokenizer files are written.
         dtype: Store the weights in this dtype (bfloat16, float16, float32); default: as in the checkpoint.
+        overwrite: Replace files an earlier run wrote there (never the command's own inputs).
     """
     config_file = checkpoint_dir / "config.json"
     if not config_file.is_file():
         raise UserError(f"no config.json in {checkpoint_dir}: expected a Hugging Face model directory")
     hf_config = read_json_object(config_file)
+    check_checkpoint_outputs(output_dir, [checkpoint_dir], overwrite)
     try:
         config = config_from_hf(hf_config, name=checkpoint_dir.resolve().name)
     except KeyError as error:

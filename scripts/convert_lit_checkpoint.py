@@ -6,21 +6,25 @@ from pathlib import Path
 import torch
 
 from lit_llama.checkpoint import check_shapes, checkpoint_dir, load_config, weights_path
-from lit_llama.files import load_torch, read_json_object, save_all
+from lit_llama.files import check_outputs, load_torch, read_json_object, save_all
 from lit_llama.cli import OutputPath, run_cli
 from lit_llama.convert import config_to_hf, copy_tokenizer_files, lit_to_hf_name
 from lit_llama.errors import UserError
 from lit_llama.model import LLaMA
+from lit_llama.tokenizer import TOKENIZER_FILES
 
 
-def main(checkpoint_path: Path, output_dir: OutputPath) -> None:
+def main(checkpoint_path: Path, output_dir: OutputPath, overwrite: bool = False) -> None:
     """Write a Hugging Face model directory from a lit-llama checkpoint.
 
     Args:
         checkpoint_path: The lit-llama.pth to convert (model_config.json and the tokenizer files are read beside it).
         output_dir: Where config.json, model.safetensors and the tokenizer files are written.
+        overwrite: Replace files an earlier run wrote there (never the command's own inputs).
     """
     path = weights_path(checkpoint_path)
+    outputs = [Path(output_dir) / name for name in ("model.safetensors", "config.json", *TOKENIZER_FILES)]
+    check_outputs("--output_dir", outputs, [checkpoint_dir(checkpoint_path)], overwrite)
     state_dict = load_torch(path)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise UserError(f"{path} is not a lit-llama state dict (expected a dict of tensors)")

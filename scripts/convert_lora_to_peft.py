@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from lit_llama.checkpoint import check_state_dict
-from lit_llama.files import load_torch, save_all
+from lit_llama.files import check_outputs, load_torch, save_all
 from lit_llama.cli import OutputPath, run_cli
 from lit_llama.convert import lit_to_hf_name
 from lit_llama.errors import UserError
@@ -29,6 +29,7 @@ def main(
     checkpoint_path: Optional[Path] = None,
     output_dir: OutputPath = OutputPath("out/lora/alpaca/peft"),
     base_model_name_or_path: Optional[str] = None,
+    overwrite: bool = False,
 ) -> None:
     """Write adapter_config.json and adapter_model.safetensors in Hugging Face PEFT's LoRA format.
 
@@ -39,11 +40,14 @@ def main(
         output_dir: Where the PEFT adapter is written.
         base_model_name_or_path: What adapter_config.json names as the base: the Hugging Face export of the base
             (a directory or a Hub id). Default: the base checkpoint's directory.
+        overwrite: Replace files an earlier run wrote there (never the command's own inputs).
     """
     record = read_finetune_config(finetuned_path)
     if record["method"] != "lora":
         raise UserError(f"{finetuned_path} holds {record['method']} weights; only LoRA exports to PEFT")
     base_path, config = finetune_base(finetuned_path, record, checkpoint_path)
+    outputs = [Path(output_dir) / name for name in ("adapter_model.safetensors", "adapter_config.json")]
+    check_outputs("--output_dir", outputs, [Path(finetuned_path).parent, base_path.parent], overwrite)
     lora_weights = load_torch(finetuned_path)
     check_state_dict(lora_weights, finetuned_path)
     with torch.device("meta"):

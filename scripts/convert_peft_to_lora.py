@@ -14,15 +14,14 @@ per-layer ranks or layer subsets, biases, extra trained modules) are refused rat
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lit_llama.checkpoint import checkpoint_dir, load_config, weights_path
-from lit_llama.files import load_torch, save_all
-from lit_llama.cli import run_cli
+from lit_llama.files import check_outputs, load_torch, save_all
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.convert import hf_to_lit_name
 from lit_llama.errors import UserError
 from lit_llama.finetuned import FINETUNE_CONFIG_NAME, apply_method, check_fits, finetune_config
@@ -147,8 +146,9 @@ def lit_lora_weights(tensors: dict, adapter_dir: Path, config: Config) -> tuple[
 def main(
     adapter_dir: Path,
     checkpoint_path: Path,
-    output_dir: Path = Path("out/lora/imported"),
+    output_dir: OutputPath = OutputPath("out/lora/imported"),
     prompt_style: str = "alpaca",
+    overwrite: bool = False,
 ) -> None:
     """Write lit-llama-lora-finetuned.pth and finetune_config.json from a PEFT LoRA adapter directory.
 
@@ -157,8 +157,11 @@ def main(
         checkpoint_path: Our conversion of the adapter's base model (scripts/convert_hf_checkpoint.py).
         output_dir: Where the LoRA weights and finetune_config.json are written.
         prompt_style: The prompt template the adapter was trained with (recorded for generation and evaluation).
+        overwrite: Replace files an earlier run wrote there (never the command's own inputs).
     """
     PromptStyle.from_name(prompt_style)
+    outputs = [Path(output_dir) / name for name in (WEIGHTS_NAME, FINETUNE_CONFIG_NAME)]
+    check_outputs("--output_dir", outputs, [adapter_dir, checkpoint_dir(checkpoint_path)], overwrite)
     adapter_config, tensors = read_adapter(Path(adapter_dir))
     check_options(adapter_config, adapter_dir)
     base_path = weights_path(checkpoint_path)

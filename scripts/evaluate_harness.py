@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from lit_llama.cli import run_cli
+from lit_llama.checkpoint import checkpoint_dir
+from lit_llama.cli import OutputPath, run_cli
 from lit_llama.errors import UserError
-from lit_llama.files import check_can_write, save_json
+from lit_llama.files import check_outputs, save_json
 
 DEFAULT_CHECKPOINT = Path("checkpoints/smollm2-135m-instruct/lit-llama.pth")
 
@@ -23,7 +24,8 @@ def main(
     precision: Optional[str] = None,
     log_samples: bool = False,
     seed: int = 0,
-    output_json: Path = Path("out/harness.json"),
+    output_json: OutputPath = OutputPath("out/harness.json"),
+    overwrite: bool = False,
 ) -> dict:
     """Run lm-evaluation-harness tasks on a lit-llama model and print the harness's table of scores.
 
@@ -42,6 +44,7 @@ def main(
         log_samples: also write every request's prompt, model answer and score to the output JSON.
         seed: seed for the few-shot example choice and any sampling.
         output_json: where the harness's results are written.
+        overwrite: replace an existing --output_json.
     """
     from lit_llama import harness
 
@@ -49,7 +52,9 @@ def main(
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     if not names:
         raise UserError("--tasks names no task")
-    check_can_write(output_json, "--output_json")  # before the long work, not after it
+    # before the long work, not after it
+    models = [checkpoint_dir(path) for path in (checkpoint_path, finetuned_path) if path is not None]
+    check_outputs("--output_json", [output_json], [*models, include_path], overwrite)
     if batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {batch_size}")
     if limit is not None and limit <= 0:

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from lit_llama.checkpoint import load
-from lit_llama.files import check_can_write, read_json_object, save_json
+from lit_llama.checkpoint import checkpoint_dir, load
+from lit_llama.files import check_outputs, read_json_object, save_json
 from lit_llama.data import load_records, parse_json, parse_jsonl
 from lit_llama.cli import OutputPath, run_cli
 from lit_llama.finetuned import load_finetuned
@@ -37,6 +37,7 @@ def main(
     batch_size: int = 16,
     precision: Optional[str] = None,
     output_json: OutputPath = OutputPath("out/evaluation.json"),
+    overwrite: bool = False,
 ) -> None:
     """Generate greedily for each held-out record and report exact match per task and overall.
 
@@ -58,11 +59,15 @@ def main(
         precision: Fabric precision name; default bf16 where bf16 is native, else fp32 (batches of answers are
             bound by arithmetic, as training is: lit_llama/precision.py).
         output_json: where the per-record answers and the scores are written.
+        overwrite: replace an existing --output_json.
     """
     for flag, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("max_records", max_records)):
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be at least 1, got {value}")
-    check_can_write(output_json, "--output_json")  # before the long work, not after it
+    # before the long work, not after it
+    models = [checkpoint_dir(path) for path in (checkpoint_path, finetuned_path) if path is not None]
+    inputs = [*models, data_file, data_dir / "test.json"]
+    check_outputs("--output_json", [output_json], inputs, overwrite)
     records = evaluation_records(data_file or data_dir / "test.json")[:max_records]
     runtime = setup_runtime(precision, batched=True)
     device, dtype = runtime.device, runtime.dtype

@@ -4,7 +4,9 @@ from pathlib import Path
 from typing import Optional
 
 from lit_llama.cli import OutputPath, run_cli
-from lit_llama.data import PrepareArgs, load_records, load_tokenizer, local_or_downloaded, prepare_with
+from lit_llama.data import (
+    PrepareArgs, check_destination, load_records, load_tokenizer, local_or_downloaded, prepare_with,
+)
 
 DATA_URL = "https://raw.githubusercontent.com/tloen/alpaca-lora/main/alpaca_data_cleaned_archive.json"
 
@@ -24,6 +26,7 @@ class PrepareAlpaca(PrepareArgs):
 
 
 def main(settings: PrepareAlpaca) -> None:
+    check_destination(settings, settings.data_file)
     tokenizer = load_tokenizer(settings.checkpoint_dir, settings.tokenizer_path)
     data_file = local_or_downloaded(settings.data_file, DATA_URL, settings.destination_path)
     prepare_with(settings, load_records(data_file), tokenizer, source=str(data_file))

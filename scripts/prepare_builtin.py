@@ -1,10 +1,10 @@
 """Prepare the built-in task dataset (lit_llama/builtin_tasks.py): offline, deterministic, exactly checkable answers."""
 from dataclasses import dataclass
 
-from lit_llama.builtin_tasks import generate
+from lit_llama.builtin_tasks import SOURCE, generate
 from lit_llama.files import save_json
 from lit_llama.cli import OutputPath, run_cli
-from lit_llama.data import PrepareArgs, load_tokenizer, prepare_with
+from lit_llama.data import PrepareArgs, check_destination, load_tokenizer, prepare_with
 
 
 @dataclass
@@ -25,9 +25,10 @@ class PrepareBuiltin(PrepareArgs):
 
 
 def main(settings: PrepareBuiltin) -> None:
+    check_destination(settings, also=("builtin.json",))
     tokenizer = load_tokenizer(settings.checkpoint_dir, settings.tokenizer_path)
     records = generate(settings.num_records, settings.seed)
-    prepare_with(settings, records, tokenizer, source=f"builtin tasks (seed {settings.seed})")
+    prepare_with(settings, records, tokenizer, source=f"{SOURCE} (seed {settings.seed})")
     # once the dataset is there: a failure leaves nothing
     save_json(records, settings.destination_path / "builtin.json")
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from lit_llama.chat_data import load_conversations, prepare_conversations
 from lit_llama.cli import OutputPath, run_cli
-from lit_llama.data import PrepareArgs, load_tokenizer
+from lit_llama.data import PrepareArgs, check_destination, load_tokenizer
 from lit_llama.prompts import resolve_prompt_style
 
 
@@ -34,6 +34,7 @@ class PrepareChat(PrepareArgs):
 
 
 def main(settings: PrepareChat) -> None:
+    check_destination(settings, settings.data_file)
     tokenizer = load_tokenizer(settings.checkpoint_dir, settings.tokenizer_path)
     style = resolve_prompt_style(settings.prompt_style or "chat_template", tokenizer.path.parent)
     conversations = load_conversations(settings.data_file)

@@ -4,7 +4,9 @@ from pathlib import Path
 from typing import Optional
 
 from lit_llama.cli import OutputPath, run_cli
-from lit_llama.data import PrepareArgs, load_records, load_tokenizer, local_or_downloaded, prepare_with
+from lit_llama.data import (
+    PrepareArgs, check_destination, load_records, load_tokenizer, local_or_downloaded, prepare_with,
+)
 
 DATA_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
 
@@ -26,6 +28,7 @@ class PrepareDolly(PrepareArgs):
 
 
 def main(settings: PrepareDolly) -> None:
+    check_destination(settings, settings.data_file)
     tokenizer = load_tokenizer(settings.checkpoint_dir, settings.tokenizer_path)
     data_file = local_or_downloaded(settings.data_file, DATA_URL, settings.destination_path)
     records = load_records(data_file, input_field="context", output_field="response", task_field="category")

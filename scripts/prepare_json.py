@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lit_llama.cli import OutputPath, run_cli
-from lit_llama.data import PrepareArgs, load_records, load_tokenizer, prepare_with
+from lit_llama.data import PrepareArgs, check_destination, load_records, load_tokenizer, prepare_with
 
 
 @dataclass
@@ -27,6 +27,7 @@ class PrepareJson(PrepareArgs):
 
 
 def main(settings: PrepareJson) -> None:
+    check_destination(settings, settings.data_file)
     tokenizer = load_tokenizer(settings.checkpoint_dir, settings.tokenizer_path)
     records = load_records(
         settings.data_file, settings.instruction_field, settings.input_field, settings.output_field,

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from lit_llama.builtin_tasks import MAX_RECORDS, generate as builtin_records
+from lit_llama.builtin_tasks import MAX_RECORDS, SOURCE as BUILTIN_SOURCE, generate as builtin_records
 from lit_llama.cli import run_cli
 from lit_llama.errors import UserError
-from lit_llama.files import load_torch
+from lit_llama.files import load_torch, read_json_object
 from lit_llama.lora import LoRAArgs
 from lit_llama.precision import bf16_supported
 from lit_llama.training import TrainArgs
@@ -101,17 +101,20 @@ def main(
     else:
         step("1. Convert the shipped SmolLM2-135M-Instruct GGUF to a lit-llama checkpoint",
              "scripts/convert_gguf_checkpoint.py", "--output_dir", checkpoint_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):  # every step refuses to write over an earlier result: keep it
+        kept = out_dir.with_name(f"{out_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out_dir.rename(kept)
+        print(f"# {out_dir} holds an earlier run: moved to {kept}", flush=True)
+    # the built-in set is regenerated (its settings may differ); a dataset of the user's own there is refused
+    replace_builtin = ["--overwrite", "true"] if holds_builtin_tasks(data_dir) else []
     step("2. Build the built-in task set with the model's tokenizer", "scripts/prepare_builtin.py",
          "--checkpoint_dir", checkpoint_dir, "--destination_path", data_dir, "--num_records", num_records,
-         "--test_split_size", test_split_size, *(["--prompt_style", prompt_style] if prompt_style else []))
+         "--test_split_size", test_split_size, *(["--prompt_style", prompt_style] if prompt_style else []),
+         *replace_builtin)
     step("3. Evaluate the base model on the held-out split", "scripts/evaluate_tasks.py",
          "--checkpoint_path", weights, "--data_dir", data_dir, "--max_records", eval_records,
          "--max_new_tokens", max_new_tokens, "--output_json", out_dir / "eval_base.json")
     targets = "[query,key,value,projection,mlp]" if all_linear else "[query,value]"
-    if lora_dir.exists():  # finetune/lora.py never trains over an earlier run: keep that one beside the new one
-        kept = lora_dir.with_name(f"{lora_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        lora_dir.rename(kept)
-        print(f"# {lora_dir} holds an earlier run: moved to {kept}", flush=True)
     start = time.perf_counter()
     step("4. Finetune with LoRA", "finetune/lora.py", "--data_dir", data_dir, "--checkpoint_path", weights,
          "--out_dir", lora_dir, "--train.epochs", epochs, *(["--train.max_steps", max_steps] if max_steps else []),
@@ -136,6 +139,14 @@ def main(
          "--temperature", 0, "--max_new_tokens", 20)
 
     summary(out_dir, weights, lora_weights, lora_dir, training_seconds)
+
+
+def holds_builtin_tasks(data_dir: Path) -> bool:
+    meta = data_dir / "meta.json"
+    try:
+        return meta.is_file() and read_json_object(meta).get("source", "").startswith(BUILTIN_SOURCE)
+    except UserError:  # unreadable: not ours to replace
+        return False
 
 
 def step(title: str, script: str, *args) -> None:

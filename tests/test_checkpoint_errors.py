@@ -46,6 +46,9 @@ def bad_checkpoint(kind: str, tmp_path):
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
         return path, "truncated or corrupt"
+    if kind == "random-bytes":  # damage, which must not be reported as a hostile pickle
+        path.write_bytes(b"\x80\x02" + bytes((i * 37) % 256 for i in range(10_000)))
+        return path, "truncated or corrupt"
     if kind == "code-in-pickle":
         torch.save({"transformer.wte.weight": RunsCode(tmp_path / "pwned")}, path)
         return path, "refusing"
@@ -53,7 +56,7 @@ def bad_checkpoint(kind: str, tmp_path):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("kind", ["missing", "wrong-shapes", "truncated", "code-in-pickle"])
+@pytest.mark.parametrize("kind", ["missing", "wrong-shapes", "truncated", "random-bytes", "code-in-pickle"])
 def test_bad_checkpoint_gives_one_line_error(tmp_path, script, kind):
     path, expected = bad_checkpoint(kind, tmp_path)
     result = run_script(script, *SCRIPTS[script](path, tmp_path))

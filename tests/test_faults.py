@@ -58,7 +58,8 @@ def test_a_re_prepare_that_runs_out_of_space_keeps_the_old_dataset(inputs, tmp_p
     records.write_text(str([{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i)))}
                             for i in range(400)]).replace("'", '"'))
     result = run_with_file_size_limit(32_000, "scripts/prepare_json.py", "--data_file", records, "--checkpoint_dir",
-                                      checkpoint_path.parent, "--destination_path", data_dir, "--test_split_size", 10)
+                                      checkpoint_path.parent, "--destination_path", data_dir, "--test_split_size", 10,
+                                      "--overwrite", "true")
     assert_failed_in_one_line(result)
     assert "cannot write" in result.stderr
     assert contents(data_dir) == before and not temporaries(data_dir)
@@ -89,8 +90,9 @@ def test_a_merge_or_conversion_that_runs_out_of_space_keeps_the_earlier_output(i
     args += ["--output_dir", tmp_path / "output"]
     run_script_ok(script, *args)
     before = contents(tmp_path / "output")
-    result = run_with_file_size_limit(20_000, script, *args)
+    result = run_with_file_size_limit(20_000, script, *args, "--overwrite", "true")
     assert_failed_in_one_line(result)
+    assert "cannot write" in result.stderr
     assert contents(tmp_path / "output") == before and not temporaries(tmp_path / "output")
     if "lit" not in script:
         load(tmp_path / "output" / "lit-llama.pth")
