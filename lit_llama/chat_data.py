@@ -7,8 +7,10 @@ Each conversation is rendered through the prompt style's chat template and token
 `apply_chat_template` would; the loss covers every assistant turn, from where the template's generation prompt ends
 through the token that closes the turn (the model must learn to stop), and nothing else.
 """
+import bisect
+import math
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from tqdm import tqdm
 
@@ -18,6 +20,7 @@ from lit_llama.files import read_json
 from lit_llama.prompts import ROLES, PromptStyle, join_instruction
 from lit_llama.tokenizer import Tokenizer
 
+MAX_TURNS = 100_000  # per conversation: far beyond any context window, and a bound on the work one record can ask
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -54,6 +57,8 @@ def to_conversation(row, number: int, path: Path, needs_reply: bool = True) -> l
         raise UserError(f"{where}: field {field!r} must be a list of turns, not {type(turns).__name__}")
     if not turns:
         raise UserError(f"{where}: field {field!r} is an empty conversation")
+    if len(turns) > MAX_TURNS:
+        raise UserError(f"{where}: {len(turns):,} turns, more than the {MAX_TURNS:,} one conversation may have: split it")
     messages = []
     if isinstance(row.get("system"), str) and field == "conversations" and row["system"]:
         messages.append({"role": "system", "content": row["system"]})
@@ -74,19 +79,25 @@ def to_conversation(row, number: int, path: Path, needs_reply: bool = True) -> l
     return messages
 
 
-def assistant_spans(style: PromptStyle, messages: list[dict], special_texts) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    style: PromptStyle, messages: list[dict], special_texts, full: Optional[str] = None, stop_after: float = math.inf,
+) -> tuple[str, list[tuple[int, int]]]:
     """The conversation rendered up to the end of its last assistant turn, and the character range each assistant
     turn is trained on: from the end of the generation prompt that opens it through the special token that closes it.
+    Turns after the first one that ends beyond character `stop_after` are left out: each needs the conversation so
+    far rendered again, which would make a long conversation cost the square of its length.
 
     The template must render every conversation so far as a prefix of the whole (templates that rewrite earlier
     turns, like those that drop past reasoning, cannot be trained turn by turn) and close each assistant turn with
     one of the tokenizer's special tokens.
     """
-    full = style.render(messages)
+    full = style.render(messages) if full is None else full
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
+        if spans and spans[-1][1] > stop_after:
+            break
         opening = style.render(messages[:i], add_generation_prompt=True)
         through = style.render(messages[: i + 1])
         if not (through.startswith(opening) and full.startswith(through)):
@@ -116,16 +127,28 @@ def assistant_spans(style: PromptStyle, messages: list[dict], special_texts) -> 
 
 
 def tokenize_conversation(
-    conversation: list[dict], tokenizer: Tokenizer, style: PromptStyle
+    conversation: list[dict], tokenizer: Tokenizer, style: PromptStyle, max_seq_length: Optional[int] = None,
 ) -> tuple[list[int], list[int], list[int]]:
     """(input_ids, labels, turn_ends): labels are IGNORE_INDEX outside the assistant spans; turn_ends are the token
-    counts at which the assistant turns end. One text, tokenized whole: the ids are those of the rendered chat."""
-    text, spans = assistant_spans(style, conversation, tokenizer.special_token_texts)
+    counts at which the assistant turns end. One text, tokenized whole: the ids are those of the rendered chat.
+    With `max_seq_length`, turns that would start past it are not located (fit() cuts them anyway): time stays
+    linear in the conversation's length."""
+    full, stop_after = style.render(conversation), math.inf
+    if max_seq_length is not None:
+        ((_, starts),) = tokenizer.encode_with_offsets([full])
+        stop_after = starts[max_seq_length] if len(starts) > max_seq_length else math.inf
+    text, spans = assistant_spans(style, conversation, tokenizer.special_token_texts, full, stop_after)
     ((ids, starts),) = tokenizer.encode_with_offsets([text])
     # a format style (chatml) leaves BOS to the tokenizer; a checkpoint's template wrote its own
     prefix = [] if style.renders_special_tokens else tokenizer.encode("", bos=None, eos=False).tolist()
-    labels = [t if any(start <= s < end for start, end in spans) else IGNORE_INDEX for t, s in zip(ids, starts)]
-    turn_ends = [len(prefix) + sum(1 for s in starts if s < end) for _, end in spans]
+    span_starts = [start for start, _ in spans]
+
+    def in_a_span(position: int) -> bool:
+        index = bisect.bisect_right(span_starts, position) - 1
+        return index >= 0 and position < spans[index][1]
+
+    labels = [t if in_a_span(s) else IGNORE_INDEX for t, s in zip(ids, starts)]
+    turn_ends = [len(prefix) + bisect.bisect_left(starts, end) for _, end in spans]
     return prefix + ids, [IGNORE_INDEX] * len(prefix) + labels, turn_ends
 
 
@@ -154,7 +177,7 @@ def tokenize_conversations(
     samples, kept, counts = [], [], {"truncated": 0, "dropped": 0, "skipped": 0}
     all_ids, all_labels = [], []
     for index, conversation in enumerate(tqdm(conversations, desc="tokenizing", unit=" conversations")):
-        ids, labels, turn_ends = tokenize_conversation(conversation, tokenizer, style)
+        ids, labels, turn_ends = tokenize_conversation(conversation, tokenizer, style, max_seq_length)
         if len(ids) > max_seq_length:
             if skip_long:
                 counts["skipped"] += 1

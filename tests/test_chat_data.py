@@ -149,6 +149,32 @@ def test_truncation_keeps_whole_turns_and_drops_what_cannot_hold_a_reply(tmp_pat
     assert kept == [1] and counts["skipped"] == 1 and torch.equal(samples[0]["input_ids"], short["input_ids"])
 
 
+def test_a_long_conversation_costs_linear_time_and_is_cut_as_if_located_whole(tmp_path, monkeypatch):
+    directory = make_chat_checkpoint(tmp_path, "smollm2")
+    tokenizer, style = Tokenizer(directory), resolve_prompt_style(None, directory)
+    chat = [{"role": role, "content": f"{role} says {i}"} for i in range(200) for role in ("user", "assistant")]
+    renders = []
+    render = PromptStyle.render
+    monkeypatch.setattr(PromptStyle, "render", lambda self, messages, **kw: renders.append(len(messages)) or render(
+        self, messages, **kw))
+    (whole,), _, _ = tokenize_conversations([chat], tokenizer, style, 10**6)
+    assert len(renders) > 400  # located turn by turn: every assistant turn renders the conversation so far twice
+    renders.clear()
+    (cut,), _, counts = tokenize_conversations([chat], tokenizer, style, 256)
+    assert counts["truncated"] == 1 and len(cut["input_ids"]) <= 256
+    assert sum(renders) < 30 * len(chat)  # only the turns within the first 256 tokens: not ~len(chat)**2 messages
+    assert cut["input_ids"].tolist() == whole["input_ids"][: len(cut["input_ids"])].tolist()
+    assert cut["labels"].tolist() == whole["labels"][: len(cut["labels"])].tolist()
+
+
+def test_a_conversation_beyond_the_turn_limit_is_refused_naming_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr("lit_llama.chat_data.MAX_TURNS", 10)
+    data_file = tmp_path / "chat.json"
+    data_file.write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"}] * 11}]))
+    with pytest.raises(UserError, match="record 1: 11 turns, more than the 10 one conversation may have"):
+        load_conversations(data_file)
+
+
 def load_script(name):
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
