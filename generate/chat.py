@@ -38,7 +38,8 @@ class ChatArgs:
         temperature: 0 is greedy.
         top_k: Sample among the k most likely tokens (null: no limit).
         top_p: Sample among the most likely tokens holding this much probability.
-        context_length: KV cache size in tokens (default: the model's block_size); older turns are dropped beyond.
+        context_length: KV cache size in tokens, at most the model's block_size (default: block_size, at most 2048);
+            older turns are dropped beyond.
         seed: Random seed.
         precision: bf16-true, 32-true, ... (default: bf16-true: bf16 weights, whose products of many rows run in fp32 on a CPU
             without native bf16; 32-true on a GPU without bf16).

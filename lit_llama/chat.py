@@ -21,7 +21,7 @@ import torch
 
 from lit_llama.errors import UserError
 from lit_llama.fast_decode import DecodeStep
-from lit_llama.generation import sample, stream_text
+from lit_llama.generation import resolve_context_length, sample, stream_text
 from lit_llama.model import LLaMA
 from lit_llama.precision import products_for
 from lit_llama.prompts import PromptStyle
@@ -67,9 +67,7 @@ class ChatSession:
         self.model, self.tokenizer, self.style, self.settings = model, tokenizer, style, settings
         self.multi_turn = multi_turn
         self.out, self.notices = out, notices
-        self.context_length = min(context_length or model.config.block_size, model.config.block_size)
-        if self.context_length < 2:
-            raise UserError(f"--context_length must be at least 2, got {self.context_length}")
+        self.context_length = resolve_context_length(context_length, model.config.block_size)
         self.device = model.transformer.wte.weight.device
         model.setup_kv_cache(batch_size=1, max_seq_length=self.context_length, device=self.device)
         # on a CPU the one-token decode step of a plain frozen model runs through fast_decode, as in generate
@@ -169,23 +167,33 @@ class ChatSession:
 
 
 def read_line(prompt: str, interactive: bool) -> Optional[str]:
-    """The next line of input (None at its end); Ctrl-C at the prompt asks again rather than quitting."""
+    """The next line of input (None at its end); Ctrl-C at the prompt asks again rather than quitting. Bytes that
+    are not UTF-8 (stdin reads them as lone surrogates) become U+FFFD, with a note."""
     while True:
         try:
             if interactive:
-                return input(prompt)
-            line = sys.stdin.readline()
-            return line.rstrip("\n") if line else None
+                line = input(prompt)
+            else:
+                line = sys.stdin.readline()
+                if not line:
+                    return None
+                line = line.rstrip("\n")
         except EOFError:
             return None
         except KeyboardInterrupt:
             print("\n(type /exit to quit)", file=sys.stderr, flush=True)
+            continue
+        replaced = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        if replaced != line:
+            print("[the message held bytes that are not UTF-8: each was replaced by \ufffd]", file=sys.stderr, flush=True)
+        return replaced
 
 
 def chat_loop(session: ChatSession) -> None:
     """Read messages and commands from stdin until /exit or the end of input. Prompts and notices go to stderr
     and the prompt is only shown on a terminal, so stdout holds exactly the replies (one per line block)."""
     interactive = sys.stdin.isatty()
+    sys.stdin.reconfigure(errors="surrogateescape")  # an undecodable byte is kept to be replaced, not a crash
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
     print(f"Chat with the model. {COMMANDS}", file=sys.stderr, flush=True)

@@ -146,6 +146,17 @@ def setup_runtime(precision: Optional[str] = None, seed: int = 1234, batched: bo
     return Runtime(device, resolve_precision(precision, decoding=not batched))
 
 
+DEFAULT_CONTEXT_LENGTH = 2048  # a KV cache of the model's whole block_size (128k for Llama 3.1) would not fit in RAM
+
+
+def resolve_context_length(context_length: Optional[int], block_size: int) -> int:
+    """The KV cache length of a chat or a server: what was asked for, within [2, the model's block_size]."""
+    context_length = min(block_size, DEFAULT_CONTEXT_LENGTH) if context_length is None else context_length
+    if not 2 <= context_length <= block_size:
+        raise UserError(f"--context_length must be in [2, {block_size}] (the model's block_size), got {context_length}")
+    return context_length
+
+
 def check_length(prompt_length: int, max_new_tokens: int, block_size: int) -> int:
     """Refuse a prompt that fills the context; shorten `max_new_tokens` to what still fits (told on stderr)."""
     if prompt_length >= block_size:

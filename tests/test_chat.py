@@ -152,7 +152,7 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tmp_path):
     assert not set(greedy) & tokenizer.stop_ids  # the greedy reply runs to the end of the context unless stopped
     process = subprocess.Popen(
         [sys.executable, str(REPO / "generate/chat.py"), "--finetuned_path", str(path), "--max_new_tokens", "100000",
-         "--temperature", "0", "--precision", "32-true"],
+         "--temperature", "0", "--precision", "32-true", "--context_length", str(context)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
         # a terminal's Ctrl-C: a shell that starts the tests in the background (`make test &`) leaves SIGINT ignored,
         # and Python then installs no KeyboardInterrupt handler in the child
@@ -171,6 +171,33 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tmp_path):
     stderr = stderr.decode()
     assert process.returncode == 0, stderr
     assert "[reply stopped]" in stderr and stderr.count("prefilled") == 2
+
+
+def test_bytes_that_are_not_utf8_are_replaced_with_a_note_and_the_chat_goes_on(tmp_path):
+    base_path = make_base(tmp_path / "base", "tiny")
+    model, tokenizer = load(base_path)
+    style = resolve_prompt_style(None, base_path.parent)
+    reference = Reference(model, tokenizer, style)
+    for text in ("caf\ufffd au lait", "Hi"):
+        reference.reply(style.prompt_ids(tokenizer, text).tolist())
+    result = subprocess.run(
+        [sys.executable, str(REPO / "generate/chat.py"), "--checkpoint_path", str(base_path), "--max_new_tokens",
+         str(NEW_TOKENS), "--temperature", "0", "--precision", "32-true"],
+        input=b"caf\xe9 au lait\nHi\n", capture_output=True, timeout=120, cwd=REPO,
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 0 and "Traceback" not in stderr, stderr
+    assert stderr.count("bytes that are not UTF-8") == 1
+    assert result.stdout.decode() == reference.stdout
+
+
+@pytest.mark.parametrize("context_length", [1, 100_000_000])
+def test_a_context_length_the_server_would_refuse_is_refused_in_one_line(tmp_path, context_length):
+    base_path = make_base(tmp_path / "base", "tiny")
+    result = run_chat("--checkpoint_path", base_path, "--context_length", context_length, lines=["Hi"])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert lines[-1].startswith("error: --context_length must be"), lines
 
 
 @pytest.mark.slow
