@@ -127,6 +127,12 @@ class Tokenizer:
         return [(e.ids, [start for start, _ in e.offsets]) for e in encodings]
 
     @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for (its vocabulary string spells each byte as at least one
+        character): a text of more than n times this many characters is surely longer than n tokens."""
+        return max(map(len, self.processor.get_vocab(with_added_tokens=True)), default=1)
+
+    @cached_property
     def special_token_texts(self) -> frozenset:
         """The texts of the special tokens (<s>, <|im_end|>, <|eot_id|>, ...), as they appear in rendered prompts."""
         return frozenset(t.content for t in self.processor.get_added_tokens_decoder().values() if t.special)

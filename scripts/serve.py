@@ -36,6 +36,7 @@ class ServeArgs:
         context_length: Tokens per request, prompt and reply (the KV cache of each slot; default: the model's
             block_size, at most 2048).
         max_tokens: Reply length for a request that gives no max_tokens (bounded by the context).
+        max_request_bytes: The largest request body accepted (larger ones get 413 before they are read).
         precision: bf16-true, 32-true, ... (default: bf16-true: bf16 weights, whose products of many rows run in fp32 on a CPU
             without native bf16; 32-true on a GPU without bf16).
     """
@@ -49,6 +50,7 @@ class ServeArgs:
     max_batch_size: int = 8
     context_length: Optional[int] = None
     max_tokens: int = 256
+    max_request_bytes: int = 1 << 20
     precision: Optional[str] = None
 
 
@@ -57,7 +59,7 @@ def main(settings: ServeArgs) -> None:
 
     if not 0 <= settings.port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {settings.port}")
-    for name in ("max_batch_size", "context_length", "max_tokens"):
+    for name in ("max_batch_size", "context_length", "max_tokens", "max_request_bytes"):
         value = getattr(settings, name)
         if value is not None and value < (2 if name == "context_length" else 1):
             raise UserError(f"--{name} must be at least {2 if name == 'context_length' else 1}, got {value}")
@@ -65,6 +67,7 @@ def main(settings: ServeArgs) -> None:
     app, _ = build_app(
         settings.checkpoint_path, parse_adapters(settings.lora), settings.base_name, settings.prompt_style,
         settings.max_batch_size, settings.context_length, settings.max_tokens, runtime.device, runtime.dtype,
+        settings.max_request_bytes,
     )
     runtime.announce()
     print(f"listening on http://{settings.host}:{settings.port}/v1 (Ctrl-C stops)", file=sys.stderr)

@@ -216,6 +216,71 @@ def test_bad_requests_get_openai_error_json_with_the_right_status(served):
     assert served.health()["active"] == 0
 
 
+HOSTILE = {  # body -> (status, param or None): each answered with OpenAI's error JSON, never plain text
+    "seed-2**70": ({"model": "base", "messages": QUESTION, "seed": 2**70}, 422, "seed"),
+    "five-stop-strings": ({"model": "base", "messages": QUESTION, "stop": list("abcde")}, 422, "stop"),
+    "tools": ({"model": "base", "messages": QUESTION, "tools": [{"type": "function"}]}, 400, "tools"),
+    "json-mode": ({"model": "base", "messages": QUESTION, "response_format": {"type": "json_object"}}, 400,
+                  "response_format"),
+    "logprobs": ({"model": "base", "messages": QUESTION, "logprobs": True}, 400, "logprobs"),
+    "best_of": ({"model": "base", "prompt": "Sort", "best_of": 3}, 400, "best_of"),
+    "1-MB-prompt": ({"model": "base", "prompt": "stone " * 166_000}, 400, "prompt"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_a_hostile_request_gets_one_openai_error_and_the_server_goes_on(served, case):
+    body, status, param = HOSTILE[case]
+    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    got, reply = post(served, path, json.dumps(body).encode())
+    assert (got, reply["error"]["param"]) == (status, param), reply
+    assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"]
+    assert served.chat("base", QUESTION).choices[0].message.content == served.greedy_chat("base", QUESTION)
+
+
+def test_text_that_is_not_unicode_an_oversized_body_and_unknown_paths_get_error_json(served):
+    surrogate = b'{"model": "base", "messages": [{"role": "user", "content": "caf\\ud800"}]}'
+    status, reply = post(served, "/v1/chat/completions", surrogate)
+    assert status == 400 and reply["error"]["param"] == "messages.0.content" and "surrogate" in reply["error"]["message"]
+    status, reply = post(served, "/v1/completions", b'{"model": "\\udfff", "prompt": "x"}')
+    assert status == 400 and reply["error"]["param"] == "model"
+    start = time.monotonic()
+    status, reply = post(served, "/v1/completions", b'{"model": "base", "prompt": "' + b"a" * (2 << 20) + b'"}')
+    assert status == 413 and "1,048,576 bytes" in reply["error"]["message"]
+    print(f"a 2 MiB body refused in {time.monotonic() - start:.3f} s")
+    request = urllib.request.Request(served.url + "/v1/nowhere")
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(request, timeout=30)
+    assert missing.value.code == 404 and json.loads(missing.value.read())["error"]["type"] == "invalid_request_error"
+    request = urllib.request.Request(served.url + "/v1/chat/completions")  # GET on a POST route
+    with pytest.raises(urllib.error.HTTPError) as wrong_method:
+        urllib.request.urlopen(request, timeout=30)
+    assert wrong_method.value.code == 405 and "error" in json.loads(wrong_method.value.read())
+    assert served.health()["active"] == 0
+
+
+def test_16_clients_are_answered_while_a_1_mb_request_is_refused(served):
+    jobs = [[{"role": "user", "content": f"Sort: {i} stone tree"}] for i in range(16)]
+    expected = [served.greedy_chat("base", messages) for messages in jobs]
+
+    def timed(messages):
+        start = time.monotonic()
+        return served.chat("base", messages).choices[0].message.content, time.monotonic() - start
+
+    def huge():
+        return post(served, "/v1/chat/completions", json.dumps(
+            {"model": "base", "messages": [{"role": "user", "content": "stone " * 166_000}]}).encode())
+
+    with ThreadPoolExecutor(17) as pool:
+        refused = pool.submit(huge)
+        answers = list(pool.map(timed, jobs))
+    status, reply = refused.result()
+    assert status == 400 and reply["error"]["code"] == "context_length_exceeded"
+    assert [text for text, _ in answers] == expected
+    latencies = sorted(seconds for _, seconds in answers)
+    print(f"16 clients beside a refused 1 MB request: median {latencies[8]:.3f} s, slowest {latencies[-1]:.3f} s")
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
     messages = [{"role": "user", "content": "Tell a long story"}]
     long_reply = served.greedy_chat("sorter", messages, 400)

@@ -9,6 +9,7 @@ from typing import Optional
 
 from lit_llama.checkpoint import load, weights_path
 from lit_llama.errors import UserError
+from lit_llama.generation import resolve_context_length
 from lit_llama.prompts import resolve_prompt_style
 from lit_llama.serving.app import ServedModel, create_app
 from lit_llama.serving.engine import Engine
@@ -38,16 +39,16 @@ def build_app(
     default_max_tokens: int = 256,
     device=None,
     dtype=None,
+    max_request_bytes: int = 1 << 20,
 ):
     """The app serving the base checkpoint as `base_name` (default: its directory's name) and each adapter under
     its name; returns (app, engine)."""
     if max_batch_size < 1:
         raise UserError(f"--max_batch_size must be at least 1, got {max_batch_size}")
+    if max_request_bytes < 1:
+        raise UserError(f"--max_request_bytes must be at least 1, got {max_request_bytes}")
     model, tokenizer = load(checkpoint_path, device or "cpu", dtype)
-    block_size = model.config.block_size
-    context_length = context_length or min(block_size, 2048)
-    if not 2 <= context_length <= block_size:
-        raise UserError(f"--context_length must be in [2, {block_size}] (the model's block_size), got {context_length}")
+    context_length = resolve_context_length(context_length, model.config.block_size)
     base_name = base_name or weights_path(checkpoint_path).parent.name
     if base_name in adapters:
         raise UserError(f"--lora name {base_name!r} is the base model's name: choose another")
@@ -61,4 +62,4 @@ def build_app(
         kind = "chat template" if served.style.chat_template else f"no chat template ({served.style.name}): completions"
         print(f"serving {name!r} ({'base' if served.adapter == 0 else 'LoRA'}; {kind})", file=sys.stderr)
     engine = Engine(model, tokenizer, routing, max_batch_size, context_length)
-    return create_app(engine, tokenizer, models, default_max_tokens), engine
+    return create_app(engine, tokenizer, models, default_max_tokens, max_request_bytes), engine

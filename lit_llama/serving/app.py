@@ -3,8 +3,11 @@
 A request is checked here (its model, its length against the context, its fields), tokenized (chat messages with
 the model's chat template: the base checkpoint's, or the prompt style an adapter was finetuned with) and handed to
 the engine thread (engine.py); its tokens come back through an asyncio queue, as one JSON reply or as server-sent
-events. Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a request the server
-cannot serve (too long for the context, body not JSON), 404 for an unknown model, 422 for a body with wrong fields.
+events. Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}, never plain text or a
+traceback: 400 for a request the server cannot serve (too long for the context, body not JSON, text that is not
+Unicode, an OpenAI option it does not implement), 404 for an unknown model or path, 413 for a body over the limit,
+422 for a body with wrong fields. Tokenizing runs off the event loop, after a length bound that refuses a huge
+prompt without tokenizing it, so one large request never stalls the others.
 A streaming client that disconnects cancels its request: the engine frees its slot at the next step.
 """
 import asyncio
@@ -13,12 +16,15 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException
 
 from lit_llama.errors import UserError
 from lit_llama.prompts import PromptStyle
@@ -38,33 +44,68 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+class ASCIIJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: a reply can always be encoded, whatever a client sent."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, message: str, param=None, code=None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+    return ASCIIJSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+def unicode_text(value: str) -> str:
+    """JSON can spell a lone surrogate (\\ud800), which is not text: no tokenizer or reply could encode it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError("lone_surrogate", "holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]
+# OpenAI options this server does not implement, with the values that ask for nothing: any other value is refused
+# with a 400 naming the field rather than ignored (a client would otherwise trust an answer it did not get)
+UNSUPPORTED = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "logit_bias": (None, {}), "best_of": (None, 1),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logprobs": (None, False), "top_logprobs": (None,),
+    "suffix": (None, ""), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+}
+
+
+UNION_BRANCHES = {"str", "int", "float", "bool", "dict", "list"}
 
 
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs false, ...)
+    model_config = ConfigDict(extra="allow")  # clients send fields we do not use (user, metadata, ...)
 
-    model: str
+    model: Text
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    stop: Optional[Union[Text, list[Text]]] = Field(None, max_length=4)
+    seed: Optional[int] = Field(None, ge=-(2**63), lt=2**63)  # OpenAI's int64
     stream: bool = False
     stream_options: Optional[dict] = None
     n: int = Field(1, ge=1, le=1)  # one choice per request
 
+    def refuse_unsupported(self) -> None:
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+                raise APIError(400, f"{name} is not supported by this server", name, "unsupported_parameter")
+
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[TextPart]]
+    content: Union[Text, list[TextPart]]
 
     def as_dict(self) -> dict:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -77,23 +118,76 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: Union[str, list[str]]
+    prompt: Union[Text, list[Text]]
     echo: bool = False
 
 
-def create_app(engine: Engine, tokenizer, models: dict[str, ServedModel], default_max_tokens: int) -> FastAPI:
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is answered 413 as soon as its size is known (its
+    Content-Length, or the bytes received so far), without being kept or parsed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            return await self.refuse(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # a body sent without a true Content-Length
+                raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except BodyTooLarge:
+            await self.refuse(scope, receive, send)
+
+    async def refuse(self, scope, receive, send):
+        # the rest of the body is read and dropped first: a client still sending when the reply comes would see a
+        # broken connection instead of the error
+        message = {"more_body": True}
+        while message.get("more_body") and message.get("type") != "http.disconnect":
+            message = await receive()
+        response = error_response(413, f"the request body is larger than this server's limit of {self.max_bytes:,} "
+                                       "bytes", code="request_too_large")
+        await response(scope, receive, send)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def create_app(engine: Engine, tokenizer, models: dict[str, ServedModel], default_max_tokens: int,
+               max_request_bytes: int = 1 << 20) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         engine.start()
         yield
         engine.stop()
 
-    app = FastAPI(title="lit-llama", lifespan=lifespan)
+    app = FastAPI(title="lit-llama", lifespan=lifespan, default_response_class=ASCIIJSONResponse)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     created = int(time.time())
 
     @app.exception_handler(APIError)
     async def api_error(request, error: APIError):
         return error_response(error.status, error.message, error.param, error.code)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, error: HTTPException):  # unknown paths, wrong methods
+        return error_response(error.status_code, str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, error: Exception):  # the traceback goes to the server's log, not the client
+        return error_response(500, f"the server failed on this request ({type(error).__name__})")
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request, error: RequestValidationError):
@@ -101,8 +195,11 @@ def create_app(engine: Engine, tokenizer, models: dict[str, ServedModel], defaul
         if any(p.get("type") == "json_invalid" for p in problems):
             return error_response(400, "the request body is not valid JSON", code="invalid_json")
         first = problems[0] if problems else {}
-        where = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
-        return error_response(422, f"invalid request: {where}: {first.get('msg', 'invalid value')}", param=where)
+        # the field's path, without the names pydantic gives the branches of a union ("str", "list[TextPart]")
+        parts = [str(part) for part in first.get("loc", ())[1:]]
+        where = ".".join(part for part in parts if "[" not in part and part not in UNION_BRANCHES) or None
+        status = 400 if first.get("type") == "lone_surrogate" else 422
+        return error_response(status, f"invalid request: {where}: {first.get('msg', 'invalid value')}", param=where)
 
     @app.get("/v1/models")
     async def list_models():
@@ -118,6 +215,14 @@ def create_app(engine: Engine, tokenizer, models: dict[str, ServedModel], defaul
             raise APIError(404, f"the model {name!r} does not exist; served: {', '.join(models)}", "model",
                            "model_not_found")
         return models[name]
+
+    async def tokenized(encode, texts: list[str], param: str) -> Any:
+        """`encode()` in a worker thread, once the texts' length cannot already prove the prompt too long."""
+        characters = sum(map(len, texts))
+        if characters > engine.context_length * tokenizer.max_token_chars:
+            raise APIError(400, f"this model's context is {engine.context_length} tokens; the prompt's {characters:,} "
+                                "characters are surely more", param, "context_length_exceeded")
+        return await run_in_threadpool(encode)
 
     def submit(body: Sampling, model: ServedModel, prompt: list[int], max_tokens: Optional[int], param: str):
         limit = engine.context_length
@@ -187,12 +292,15 @@ def create_app(engine: Engine, tokenizer, models: dict[str, ServedModel], defaul
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
+        body.refuse_unsupported()
         model = served(body.model)
         if model.style is None or model.style.chat_template is None:
             raise APIError(400, f"model {model.name!r} has no chat template to render messages with: use "
                                 "/v1/completions", "messages")
+        messages = [m.as_dict() for m in body.messages]
         try:
-            prompt = model.style.conversation_ids(tokenizer, [m.as_dict() for m in body.messages]).tolist()
+            prompt = await tokenized(lambda: model.style.conversation_ids(tokenizer, messages).tolist(),
+                                     [m["content"] for m in messages], "messages")
         except UserError as error:
             raise APIError(400, str(error), "messages") from None
         request, events = submit(body, model, prompt, body.max_completion_tokens or body.max_tokens, "messages")
@@ -214,12 +322,13 @@ def create_app(engine: Engine, tokenizer, models: dict[str, ServedModel], defaul
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
+        body.refuse_unsupported()
         model = served(body.model)
         if isinstance(body.prompt, list):
             if len(body.prompt) != 1:
                 raise APIError(400, "one prompt per request (a list of one string at most)", "prompt")
             body.prompt = body.prompt[0]
-        prompt = tokenizer.encode(body.prompt).tolist()
+        prompt = await tokenized(lambda: tokenizer.encode(body.prompt).tolist(), [body.prompt], "prompt")
         request, events = submit(body, model, prompt, body.max_tokens, "prompt")
         reply_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prefix = body.prompt if body.echo else ""
