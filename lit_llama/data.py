@@ -336,11 +336,26 @@ def load_prepared(data_dir: Union[str, Path]) -> tuple[list[dict], list[dict], d
     if not meta_path.is_file():
         raise UserError(f"{data_dir} holds no prepared dataset (no meta.json): run a scripts/prepare_*.py script first")
     meta = read_json_object(meta_path)
+    check_meta(meta, meta_path)
     for name in ("train.pt", "test.pt"):
         if not (data_dir / name).is_file():
             raise UserError(f"{data_dir} has meta.json but no {name}: prepare the dataset again")
     train, test = (load_samples(data_dir / name) for name in ("train.pt", "test.pt"))
     return train, test, meta
+
+
+def check_meta(meta: dict, path: Path) -> None:
+    """The fields finetuning and evaluation read, of the types `prepare` writes: a hand-edited or foreign meta.json
+    is named in one line, not met as a traceback later."""
+    tokenizer = meta.get("tokenizer")
+    if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("sha256"), str):
+        raise UserError(f"{path}: 'tokenizer' must be an object with the tokenizer's sha256: prepare the dataset again")
+    if meta.get("prompt_style") is not None and not isinstance(meta["prompt_style"], str):
+        raise UserError(f"{path}: 'prompt_style' must be a name, got {meta['prompt_style']!r}")
+    for key in ("train_size", "test_size", "max_seq_length"):
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise UserError(f"{path}: {key!r} must be a whole number, got {value!r}")
 
 
 def load_samples(path: Path) -> list[dict]:

@@ -12,6 +12,7 @@ The inverse is scripts/convert_lora_to_peft.py. PEFT options our LoRA does not c
 per-layer ranks or layer subsets, biases, extra trained modules) are refused rather than approximated.
 """
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lit_llama.checkpoint import checkpoint_dir, load_config, weights_path
+from lit_llama.checkpoint import CHECKPOINT_NAME, checkpoint_dir, load_config, weights_path
 from lit_llama.files import check_outputs, load_torch, save_all
 from lit_llama.cli import OutputPath, run_cli
 from lit_llama.convert import hf_to_lit_name
 from lit_llama.errors import UserError
-from lit_llama.finetuned import FINETUNE_CONFIG_NAME, apply_method, check_fits, finetune_config
+from lit_llama.finetuned import FINETUNE_CONFIG_NAME, apply_method, base_fingerprint, check_fits, finetune_config
 from lit_llama.lora import LORA, LORA_TARGETS, LoRAArgs
 from lit_llama.model import LLaMA, Config
 from lit_llama.prompts import PromptStyle
@@ -78,9 +79,12 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict]:
 
 
 def check_options(adapter_config: dict, adapter_dir: Path) -> None:
+    if not isinstance(adapter_config, dict):
+        raise UserError(f"{adapter_dir}/adapter_config.json holds a JSON {type(adapter_config).__name__}, not an object")
     peft_type = adapter_config.get("peft_type")
     if peft_type != "LORA":
         raise UserError(f"{adapter_dir} is a {peft_type} adapter; only LoRA adapters convert")
+    check_fields(adapter_config, adapter_dir)
     refused = [what for key, what in UNSUPPORTED.items() if adapter_config.get(key) not in (None, False, {}, [])]
     if adapter_config.get("bias", "none") != "none":
         refused.append(f"bias={adapter_config['bias']!r}")
@@ -89,6 +93,65 @@ def check_options(adapter_config: dict, adapter_dir: Path) -> None:
         refused += [f"target module {m!r}" for m in modules if m not in PEFT_MODULES]
     if refused:
         raise UserError(f"{adapter_dir} uses PEFT options our LoRA does not support: {', '.join(refused)}")
+
+
+def check_fields(adapter_config: dict, adapter_dir: Path) -> None:
+    """adapter_config.json field by field: the values the conversion uses, of the types and ranges PEFT writes."""
+    where = f"{adapter_dir}/adapter_config.json"
+    r, alpha = adapter_config.get("r"), adapter_config.get("lora_alpha", 8)
+    dropout, modules = adapter_config.get("lora_dropout", 0.0), adapter_config.get("target_modules")
+    base = adapter_config.get("base_model_name_or_path")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise UserError(f"{where}: r must be a whole number of at least 1, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+        raise UserError(f"{where}: lora_alpha must be a positive finite number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise UserError(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    if modules is not None and not isinstance(modules, str) and not (
+            isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
+        raise UserError(f"{where}: target_modules must be a list of module names or one pattern, got {modules!r}")
+    if base is not None and not isinstance(base, str):
+        raise UserError(f"{where}: base_model_name_or_path must be a string, got {base!r}")
+
+
+def check_recorded_base(adapter_config: dict, adapter_dir: Path, base_path: Path, fingerprint: str) -> None:
+    """PEFT names the base an adapter was trained on (base_model_name_or_path). Where that is a directory here (our
+    own export names the lit-llama checkpoint; a Hugging Face download its folder), its weights' fingerprint must be
+    the given base's: a same-shape base with other weights would load without an error and answer wrongly."""
+    named = adapter_config.get("base_model_name_or_path")
+    directory = Path(named) if named else None
+    if directory is None or not directory.is_dir():
+        if named:
+            print(f"note: {adapter_dir} was trained on {named!r}, which is not a directory here, so {base_path} could "
+                  "not be compared with it", file=sys.stderr)
+        return
+    recorded = fingerprint_of(directory)
+    if recorded and recorded != fingerprint:
+        print(f"warning: {adapter_dir} was trained on {directory}, whose weights are not those of {base_path} "
+              f"(fingerprint {recorded} vs {fingerprint}); the converted adapter would answer wrongly on this base",
+              file=sys.stderr)
+
+
+def fingerprint_of(directory: Path) -> str:
+    """base_fingerprint of a lit-llama or Hugging Face checkpoint directory, reading only the rows it samples."""
+    if (directory / CHECKPOINT_NAME).is_file():
+        return base_fingerprint(load_torch(directory / CHECKPOINT_NAME))
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        files = {name: path for path in sorted(directory.glob("*.safetensors"))
+                 for name in safe_open(str(path), framework="pt").keys()}
+        layers = [int(name.split(".")[2]) for name in files if name.startswith("model.layers.")]
+        sampled = {}
+        for hf_name, rows in (("model.embed_tokens.weight", 4), ("model.norm.weight", None),
+                              (f"model.layers.{max(layers, default=0)}.mlp.down_proj.weight", 4)):
+            if hf_name in files:
+                with safe_open(str(files[hf_name]), framework="pt") as file:
+                    part = file.get_slice(hf_name)
+                    sampled[hf_to_lit_name(hf_name)] = part[:rows] if rows else part[:]
+    except (SafetensorError, OSError, ValueError):
+        return ""
+    return base_fingerprint(sampled) if sampled else ""
 
 
 def check_saved_base_weights(tensors: dict, adapter_dir: Path, base_path: Path) -> dict:
@@ -124,6 +187,11 @@ def lit_lora_weights(tensors: dict, adapter_dir: Path, config: Config) -> tuple[
             unknown.append(name)
             continue
         modules.add(short)
+        if not tensor.is_floating_point():
+            raise UserError(f"{adapter_dir}: {name} holds {str(tensor.dtype).removeprefix('torch.')} values, not "
+                            "LoRA weights")
+        if not torch.isfinite(tensor).all():
+            raise UserError(f"{adapter_dir}: {name} holds NaN or infinite values")
         if short == "lm_head" and kind == "lora_B":  # our head has padding rows past the vocabulary
             if tensor.size(0) != config.vocab_size:
                 raise UserError(f"{adapter_dir} was trained on a base with {tensor.size(0)} tokens, the base given "
@@ -172,7 +240,7 @@ def main(
     weights, targets = lit_lora_weights(tensors, adapter_dir, config)
     if not weights:
         raise UserError(f"{adapter_dir} holds no LoRA weights")
-    r = int(adapter_config["r"])
+    r = adapter_config["r"]
     if any(w.size(0 if k.endswith("lora_A") else 1) != r for k, w in weights.items()):
         raise UserError(f"{adapter_dir}: a tensor's rank differs from adapter_config.json's r={r}")
     if "head" in targets and config.tie_embeddings:
@@ -185,6 +253,9 @@ def main(
     record = finetune_config(LORA, options, config, prompt_style, tokenizer.identity, base_path)
     with torch.device("meta"):
         check_fits(apply_method(LLaMA(config), record), weights, adapter_dir, base_path)
+    fingerprint = base_fingerprint(load_torch(base_path))
+    check_recorded_base(adapter_config, Path(adapter_dir), base_path, fingerprint)
+    record["base_fingerprint"] = fingerprint  # so that applying it to another base warns, as a trained LoRA does
 
     output_dir = Path(output_dir)
     save_all([(output_dir / WEIGHTS_NAME, weights), (output_dir / FINETUNE_CONFIG_NAME, record)])

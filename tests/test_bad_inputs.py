@@ -251,6 +251,9 @@ def bad_data(kind: str) -> Callable[[World, Path], Path]:
             (directory / "meta.json").write_text("[]")
         elif kind == "meta-invalid":
             (directory / "meta.json").write_text("{")
+        elif kind in META_FIELDS:
+            meta = json.loads((directory / "meta.json").read_text())
+            (directory / "meta.json").write_text(json.dumps({**meta, **META_FIELDS[kind]}))
         elif kind == "meta-missing":
             (directory / "meta.json").unlink()
         elif kind == "train-bare-tensor":
@@ -277,8 +280,10 @@ def bad_data(kind: str) -> Callable[[World, Path], Path]:
     return make
 
 
+META_FIELDS = {"meta-tokenizer-string": {"tokenizer": "gpt2"}, "meta-tokenizer-null": {"tokenizer": None},
+               "meta-prompt_style-list": {"prompt_style": ["chatml"]}, "meta-train_size-string": {"train_size": "48"}}
 DATA_KINDS = ["meta-list", "meta-invalid", "meta-missing", "train-bare-tensor", "train-truncated", "train-list-of-ints",
-              "missing", "token-ids-past-vocabulary"]
+              "missing", "token-ids-past-vocabulary", *META_FIELDS]
 
 
 def short_context(world: World, tmp: Path) -> Path:

@@ -187,11 +187,19 @@ def test_bad_input_is_one_line_and_exit_2(inputs, tmp_path, single_thread):
     assert not out_dir.exists()
 
 
-def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(inputs, tmp_path, single_thread):
+def test_nan_loss_stops_naming_the_step_and_the_last_checkpoint_whose_loss_was_finite(inputs, tmp_path, monkeypatch,
+                                                                                       single_thread):
     checkpoint_path, data_dir = inputs
     options = settings(checkpoint_path, data_dir, tmp_path / "out", max_steps=5, save_interval=1, eval_interval=100)
-    with pytest.raises(UserError, match=r"at step 2: .*iter-000001-ckpt.pth"):
+    # the weights after step 1 (saved, finite) are what give the NaN of step 2: no checkpoint is good
+    with pytest.raises(UserError, match=r"at step 2: stopping \(no checkpoint before it gave a finite loss\)"):
         finetune_main("full")(**options, learning_rate=1e30, warmup_steps=0)
+    # steps 1-3 leave the weights as they are, step 4 ruins them: the loss of step 5 is the first not finite
+    monkeypatch.setattr("lit_llama.training.loop.lr_at", lambda step, *_: 0.0 if step < 3 else 1e30)
+    options = settings(checkpoint_path, data_dir, tmp_path / "out2", max_steps=6, save_interval=1, eval_interval=100)
+    with pytest.raises(UserError, match=r"at step 5: stopping \(the last good checkpoint is .*iter-000003-ckpt.pth\)"):
+        finetune_main("full")(**options)
+    assert (tmp_path / "out2" / "iter-000004-ckpt.pth").is_file()  # saved, finite, and not named
 
 
 def test_sigterm_saves_a_resumable_checkpoint(inputs, tmp_path, single_thread):

@@ -2,6 +2,7 @@
 load_finetuned, ours -> PEFT -> ours is bit-exact, and what our LoRA cannot compute is refused in one line."""
 import importlib.util
 import json
+import re
 import shutil
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from conftest import HF_ULPS, REPO, assert_close
 from lit_llama.errors import UserError
-from lit_llama.finetuned import load_finetuned
+from lit_llama.finetuned import base_fingerprint, load_finetuned
 from lit_llama.lora import LORA, LoRAArgs, add_lora
 from tiny_finetunes import load_base, make_base, randomise_trainable, save_finetuned
 from tiny_tokenizers import make_byte_level_bpe
@@ -91,6 +92,7 @@ def test_ours_to_peft_and_back_is_bit_exact(tmp_path, script):
             assert back[key].dtype == tensor.dtype and torch.equal(back[key], tensor), key
     record = json.loads((tmp_path / "back" / "finetune_config.json").read_text())
     expected = json.loads((lora_path.parent / "finetune_config.json").read_text())
+    assert record.pop("base_fingerprint") == base_fingerprint(torch.load(base_path, weights_only=True))
     assert {k: v for k, v in record.items() if k != "lora"} == {k: v for k, v in expected.items() if k != "lora"}
     assert sorted(record["lora"]["targets"]) == sorted(expected["lora"]["targets"])
     assert {k: record["lora"][k] for k in ("r", "alpha", "dropout")} == {"r": 4, "alpha": 16, "dropout": 0.05}
@@ -153,3 +155,47 @@ def test_an_adapter_of_another_base_or_a_missing_file_gets_one_line(peft_adapter
                     other_base, "--output_dir", tmp_path / "out")
     assert result.returncode == 2 and "no adapter_model.safetensors" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"r": "8"}, "r must be a whole number"), ({"r": 0}, "r must be a whole number"),
+    ({"lora_alpha": float("nan")}, "lora_alpha must be a positive finite number"),
+    ({"lora_dropout": 1.5}, "lora_dropout must be a number in [0, 1)"),
+    ({"target_modules": 7}, "target_modules must be"), ({"base_model_name_or_path": 3}, "base_model_name_or_path"),
+])
+def test_adapter_config_fields_are_checked_one_by_one(change, named, peft_adapter, tmp_path):
+    base_path, adapter_dir = peft_adapter
+    config_path = adapter_dir / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
+    with pytest.raises(UserError, match=re.escape(named)):
+        import_script().main(adapter_dir, base_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spoil, named", [(lambda t: t.fill_(float("nan")), "NaN or infinite"),
+                                          (lambda t: t.to(torch.int8), "int8 values")])
+def test_nan_or_integer_lora_tensors_are_refused(spoil, named, peft_adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base_path, adapter_dir = peft_adapter
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = spoil(tensors[name].clone())
+    save_file(tensors, str(adapter_dir / "adapter_model.safetensors"))
+    with pytest.raises(UserError, match=named):
+        import_script().main(adapter_dir, base_path, tmp_path / "out")
+
+
+def test_an_adapter_imported_onto_a_same_shape_base_with_other_weights_is_warned_about(peft_adapter, tmp_path,
+                                                                                        capsys):
+    base_path, adapter_dir = peft_adapter  # adapter_config.json names base_path's directory
+    other = tmp_path / "other"
+    shutil.copytree(base_path.parent, other)
+    weights = torch.load(other / "lit-llama.pth", weights_only=True)
+    torch.save({k: v + 0.5 for k, v in weights.items()}, other / "lit-llama.pth")
+    import_script().main(adapter_dir, other / "lit-llama.pth", tmp_path / "out")
+    assert "whose weights are not those of" in capsys.readouterr().err
+    import_script().main(adapter_dir, base_path, tmp_path / "same")
+    assert "warning" not in capsys.readouterr().err
+    load_finetuned(tmp_path / "same" / "lit-llama-lora-finetuned.pth", other / "lit-llama.pth")
+    assert "is not the base" in capsys.readouterr().err  # the imported record carries the base's fingerprint

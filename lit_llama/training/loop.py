@@ -23,7 +23,9 @@ from lit_llama.method import Method
 from lit_llama.prompts import PromptStyle
 from lit_llama.training.args import EvalArgs, TrainArgs
 from lit_llama.training.metrics import finalize_loggers, plot_losses, restore_metrics
-from lit_llama.training.resume import find_resume, load_resume, save_checkpoint, trainable_state_dict
+from lit_llama.training.resume import (
+    find_resume, last_good_checkpoint, load_resume, save_checkpoint, trainable_state_dict,
+)
 from lit_llama.training.setup import PreparedData
 
 SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
@@ -105,8 +107,8 @@ def fit(fabric: Fabric, model, data: PreparedData, run: Run, train: TrainArgs, e
                 loss_total, stopping = fabric.all_reduce(torch.stack((loss_total, flag)), reduce_op="sum").tolist()
                 step_loss = loss_total / step_label_tokens
                 if not math.isfinite(step_loss):
-                    where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
-                    raise UserError(f"the loss became {step_loss} at step {step + 1}: stopping ({where})")
+                    raise UserError(f"the loss became {step_loss} at step {step + 1}: stopping "
+                                    f"({last_good_checkpoint(run.out_dir, step)})")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1

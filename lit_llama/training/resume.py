@@ -38,6 +38,20 @@ def check_finite(weights: dict, step: int, last_saved: Optional[Path]) -> None:
         raise UserError(f"the weights hold NaN or inf after step {step} ({bad}): not saved ({where})")
 
 
+def last_good_checkpoint(out_dir: Path, step: int) -> str:
+    """Where to go back to when the loss of step `step + 1` is not finite. That loss was computed with the weights
+    after step `step`, so their checkpoint is not good, however finite its numbers: only an earlier one is."""
+    earlier = [path for path in out_dir.glob("iter-*-ckpt.pth") if checkpoint_step(path) < step]
+    if not earlier:
+        return "no checkpoint before it gave a finite loss"
+    return f"the last good checkpoint is {max(earlier, key=checkpoint_step)}"
+
+
+def checkpoint_step(path: Path) -> int:
+    digits = path.name.removeprefix("iter-").split("-", 1)[0]
+    return int(digits) if digits.isdigit() else -1
+
+
 def rng_states(fabric: Fabric) -> dict:
     """Every rank's RNG state (dropout), as uint8 tensors of shape (world_size, n)."""
     states = {"cpu": torch.get_rng_state()}
