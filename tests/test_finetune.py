@@ -222,3 +222,24 @@ def test_sigterm_saves_a_resumable_checkpoint(inputs, tmp_path, single_thread):
     assert len(resume_files) == 1
     state = torch.load(resume_files[0], weights_only=True)
     assert state["step"] >= 1 and (out_dir / state["weights"]).is_file()
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about_with_the_rate_it_reaches(inputs, tmp_path, capfd, single_thread):
+    checkpoint_path, data_dir = inputs
+    options = settings(checkpoint_path, data_dir, tmp_path / "out", max_steps=3, eval_interval=100)
+    finetune_main("lora")(**options, warmup_steps=100, learning_rate=3e-4)
+    err = capfd.readouterr().err
+    assert "warning: --train.warmup_steps 100 is longer than the run's 3 steps" in err and "9.00e-06" in err
+
+
+def test_evaluation_answers_the_first_held_out_prompt_and_can_skip_the_final_pass(inputs, tmp_path, capfd,
+                                                                                   single_thread):
+    checkpoint_path, data_dir = inputs
+    first = json.loads((data_dir / "test.json").read_text())[0]
+    finetune_main("lora")(**settings(checkpoint_path, data_dir, tmp_path / "a", max_steps=2, eval_interval=1000))
+    err = capfd.readouterr().err
+    assert err.count("validation loss") == 1 and f"{first['instruction']}\n{first['input']}\n> " in err
+    assert "Recommend a movie" not in err
+    finetune_main("lora")(**settings(checkpoint_path, data_dir, tmp_path / "b", max_steps=2, eval_interval=1000),
+                          eval_final=False)
+    assert "validation loss" not in capfd.readouterr().err

@@ -75,12 +75,15 @@ class EvalArgs:
     """Evaluation settings.
 
     Args:
-        interval: Optimizer steps between validation-loss measurements (each with one greedy sample response).
+        interval: Optimizer steps between validation-loss measurements (each with one greedy answer to the first
+            held-out prompt).
         iters: Validation micro-batches per measurement.
+        final: Measure once more when the run ends, whatever the interval (false: only every `interval` steps).
     """
 
     interval: int = 100
     iters: int = 100
+    final: bool = True
 
     def check(self) -> None:
         for name in ("interval", "iters"):

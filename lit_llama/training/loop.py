@@ -20,7 +20,6 @@ from lit_llama.files import save_json, save_torch
 from lit_llama.finetuned import FINETUNE_CONFIG_NAME
 from lit_llama.generation import generate
 from lit_llama.method import Method
-from lit_llama.prompts import PromptStyle
 from lit_llama.training.args import EvalArgs, TrainArgs
 from lit_llama.training.metrics import finalize_loggers, plot_losses, restore_metrics
 from lit_llama.training.resume import (
@@ -28,7 +27,6 @@ from lit_llama.training.resume import (
 )
 from lit_llama.training.setup import PreparedData
 
-SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
 SAMPLE_TOKENS = 100
 
 
@@ -80,6 +78,12 @@ def fit(fabric: Fabric, model, data: PreparedData, run: Run, train: TrainArgs, e
         f"of {train.micro_batch_size} on each of {world} devices); {total_steps} steps, warmup {train.warmup_steps}",
         file=sys.stderr,
     )
+    if train.warmup_steps > total_steps:
+        fabric.print(
+            f"warning: --train.warmup_steps {train.warmup_steps} is longer than the run's {total_steps} steps: the "
+            f"learning rate never passes {lr_at(total_steps - 1, train.learning_rate, train.warmup_steps):.2e} of "
+            f"--train.learning_rate {train.learning_rate:.2e}; set warmup_steps below the run's length", file=sys.stderr,
+        )
     step, epoch, start = progress["step"], progress["epoch"], progress["epoch_step"]
     last_saved = resume_path and resume_path.with_name(resume_path.name.replace("-resume.pth", "-ckpt.pth"))
     stop = StopRequest()
@@ -127,7 +131,7 @@ def fit(fabric: Fabric, model, data: PreparedData, run: Run, train: TrainArgs, e
                     bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
                     losses, tokens, clock = [], 0, time.perf_counter()
                 pause = time.perf_counter()
-                if step % eval.interval == 0 or step == total_steps:
+                if step % eval.interval == 0 or (step == total_steps and eval.final):
                     evaluate(fabric, model, data, eval, train.micro_batch_size, step)
                 if step % train.save_interval == 0 or step == total_steps or stopping:
                     last_saved = save_checkpoint(fabric, model, optimizer, train, progress, run.out_dir, last_saved)
@@ -220,18 +224,19 @@ def evaluate(
         totals[1] += (labels[:, 1:] != IGNORE_INDEX).sum()
     loss_total, count = fabric.all_reduce(totals, reduce_op="sum").tolist()
     val_loss = loss_total / max(count, 1)
-    response = sample_response(model, data.tokenizer, data.style)
+    response = sample_response(model, data)
     model.train()
     fabric.log_dict({"val_loss": val_loss}, step)
     if fabric.global_rank == 0:
-        message = f"step {step}: validation loss {val_loss:.4f}\n{SAMPLE_INSTRUCTION}\n> {response}\n"
+        message = f"step {step}: validation loss {val_loss:.4f}\n{data.sample_prompt}\n> {response}\n"
         tqdm.write(message, file=sys.stderr)
     return val_loss
 
 
-def sample_response(model, tokenizer, style: PromptStyle) -> str:
+def sample_response(model, data: PreparedData) -> str:
     """Greedy, so every rank generates the same tokens (under FSDP all ranks must run the same forwards)."""
-    prompt = style.prompt_ids(tokenizer, SAMPLE_INSTRUCTION)
+    tokenizer = data.tokenizer
+    prompt = data.sample_ids if data.sample_ids is not None else data.style.prompt_ids(tokenizer, data.sample_prompt)
     room = min(SAMPLE_TOKENS, model.config.block_size - len(prompt))
     if room < 1:
         return ""

@@ -12,7 +12,7 @@ from torch.distributed.fsdp import fully_shard
 from lit_llama.checkpoint import check_vocabulary, checkpoint_dir, load_config, load_weights, weights_path
 from lit_llama.data import check_prepared_tokenizer, load_prepared
 from lit_llama.errors import UserError
-from lit_llama.files import load_torch
+from lit_llama.files import load_torch, read_json
 from lit_llama.finetuned import base_fingerprint, finetune_config
 from lit_llama.method import Method
 from lit_llama.model import LLaMA
@@ -22,6 +22,9 @@ from lit_llama.quantize import quantize_frozen, unshardable_parameters
 from lit_llama.training.args import TrainArgs
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training.metrics import make_loggers
+
+
+SAMPLE_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
 
 
 @dataclass
@@ -34,6 +37,8 @@ class PreparedData:
     meta: dict
     tokenizer: Tokenizer
     style: PromptStyle
+    sample_prompt: str = SAMPLE_INSTRUCTION  # what each evaluation answers, to show how training goes
+    sample_ids: Optional[torch.Tensor] = None  # its token ids (None: `sample_prompt` as an instruction)
 
 
 def shard_blocks(model: LLaMA, device_mesh) -> LLaMA:
@@ -76,7 +81,29 @@ def load_data(data_dir: Path, checkpoint_path: Path) -> PreparedData:
     check_prepared_tokenizer(meta, tokenizer, data_dir)
     if not val:
         raise UserError(f"{data_dir} has no test samples to measure validation loss on: prepare it with a test split")
-    return PreparedData(train, val, meta, tokenizer, resolve_prompt_style(meta.get("prompt_style"), directory))
+    style = resolve_prompt_style(meta.get("prompt_style"), directory)
+    return PreparedData(train, val, meta, tokenizer, style, *held_out_prompt(data_dir, tokenizer, style))
+
+
+def held_out_prompt(data_dir: Path, tokenizer: Tokenizer, style: PromptStyle) -> tuple[str, Optional[torch.Tensor]]:
+    """The first held-out record's prompt (test.json), as text and token ids: a sample answer to the task being
+    taught says more than one to a fixed instruction. A dataset without a readable one gets the fixed one."""
+    try:
+        records = read_json(Path(data_dir) / "test.json")
+        record = records[0] if isinstance(records, list) and records else {}
+    except (UserError, OSError):
+        record = {}
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if isinstance(messages, list) and style.chat_template is not None:
+        # up to its first reply: a long conversation in full would not leave room to answer
+        first = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"), 0)
+        if first > 0 and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages[:first]):
+            return messages[first - 1]["content"], style.conversation_ids(tokenizer, messages[:first])
+    if isinstance(record, dict) and isinstance(record.get("instruction"), str):
+        extra = record.get("input") if isinstance(record.get("input"), str) else ""
+        shown = f"{record['instruction']}\n{extra}" if extra else record["instruction"]
+        return shown, style.prompt_ids(tokenizer, record["instruction"], extra)
+    return SAMPLE_INSTRUCTION, None
 
 
 def load_model(
