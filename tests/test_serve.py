@@ -216,13 +216,52 @@ def test_bad_requests_get_openai_error_json_with_the_right_status(served):
     assert served.health()["active"] == 0
 
 
+def reference_logprobs(served, model: str, prompt: list[int], max_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """The greedy reply's tokens and the log_softmax of the reference model's logits at each of its steps."""
+    reference, stops = served.models[model], set(served.tokenizer.stop_ids)
+    with torch.inference_mode():
+        tokens = [t for t in generate(reference, torch.tensor(prompt), max_tokens, temperature=0, stop_ids=stops)
+                  if t not in stops]
+        logits = reference(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1]
+    return tokens, logits[:, : served.tokenizer.vocab_size].float().log_softmax(-1)
+
+
+def test_logprobs_are_the_models_own_for_chat_and_completions(served):
+    prompt = served.style.conversation_ids(served.tokenizer, QUESTION).tolist()
+    reply = served.chat("sorter", QUESTION, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    tokens, expected = reference_logprobs(served, "sorter", prompt, NEW_TOKENS)
+    assert [entry.token for entry in content] == [served.tokenizer.decode([t]) for t in tokens]
+    for step, (entry, token) in enumerate(zip(content, tokens)):
+        assert_close(torch.tensor(entry.logprob), expected[step, token])
+        top = expected[step].topk(3)
+        assert [t.token for t in entry.top_logprobs] == [served.tokenizer.decode([i]) for i in top.indices.tolist()]
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen token is the most likely
+    streamed = served.chat("sorter", QUESTION, logprobs=True, stream=True)
+    streamed_tokens = [e.token for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+                       for e in chunk.choices[0].logprobs.content]
+    assert streamed_tokens == [entry.token for entry in content]
+
+    completion = served.client.completions.create(model="base", prompt="Sort: stone tree", max_tokens=6, temperature=0,
+                                                  logprobs=2)
+    legacy = completion.choices[0].logprobs
+    prompt = served.tokenizer.encode("Sort: stone tree").tolist()
+    tokens, expected = reference_logprobs(served, "base", prompt, 6)
+    assert len(legacy.tokens) == len(tokens) and legacy.text_offset[0] == 0
+    assert_close(torch.tensor(legacy.token_logprobs), expected[torch.arange(len(tokens)), tokens])
+    assert all(len(alternatives) <= 2 for alternatives in legacy.top_logprobs)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        served.chat("base", QUESTION, top_logprobs=2)
+
+
 HOSTILE = {  # body -> (status, param or None): each answered with OpenAI's error JSON, never plain text
     "seed-2**70": ({"model": "base", "messages": QUESTION, "seed": 2**70}, 422, "seed"),
     "five-stop-strings": ({"model": "base", "messages": QUESTION, "stop": list("abcde")}, 422, "stop"),
     "tools": ({"model": "base", "messages": QUESTION, "tools": [{"type": "function"}]}, 400, "tools"),
     "json-mode": ({"model": "base", "messages": QUESTION, "response_format": {"type": "json_object"}}, 400,
                   "response_format"),
-    "logprobs": ({"model": "base", "messages": QUESTION, "logprobs": True}, 400, "logprobs"),
+    "top_logprobs-21": ({"model": "base", "messages": QUESTION, "logprobs": True, "top_logprobs": 21}, 422,
+                        "top_logprobs"),
     "best_of": ({"model": "base", "prompt": "Sort", "best_of": 3}, 400, "best_of"),
     "1-MB-prompt": ({"model": "base", "prompt": "stone " * 166_000}, 400, "prompt"),
 }

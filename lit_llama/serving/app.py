@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 
 from lit_llama.errors import UserError
 from lit_llama.prompts import PromptStyle
-from lit_llama.serving.engine import Engine, Event, Request
+from lit_llama.serving.engine import Engine, Event, Request, TokenLogprob
 
 
 @dataclass
@@ -71,8 +71,8 @@ Text = Annotated[str, AfterValidator(unicode_text)]
 UNSUPPORTED = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}), "logit_bias": (None, {}), "best_of": (None, 1),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logprobs": (None, False), "top_logprobs": (None,),
-    "suffix": (None, ""), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "suffix": (None, ""), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,),
 }
 
 
@@ -115,11 +115,19 @@ class Message(BaseModel):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+
+    def top_logprobs_asked(self) -> Optional[int]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(Sampling):
     prompt: Union[Text, list[Text]]
     echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=5)  # the legacy API's: how many alternatives per token
 
 
 class BodyLimit:
@@ -224,7 +232,8 @@ def create_app(engine: Engine, tokenizer, models: dict[str, ServedModel], defaul
                                 "characters are surely more", param, "context_length_exceeded")
         return await run_in_threadpool(encode)
 
-    def submit(body: Sampling, model: ServedModel, prompt: list[int], max_tokens: Optional[int], param: str):
+    def submit(body: Sampling, model: ServedModel, prompt: list[int], max_tokens: Optional[int], param: str,
+               top_logprobs: Optional[int]):
         limit = engine.context_length
         if not prompt:
             raise APIError(400, "the prompt is empty", param)
@@ -243,22 +252,44 @@ def create_app(engine: Engine, tokenizer, models: dict[str, ServedModel], defaul
             except RuntimeError:  # the event loop has closed (server shutdown)
                 pass
 
-        request = Request(prompt, model.adapter, max_tokens, emit, body.temperature, body.top_p, stop, body.seed)
+        request = Request(prompt, model.adapter, max_tokens, emit, body.temperature, body.top_p, stop, body.seed,
+                          top_logprobs)
         engine.submit(request)
         return request, events
 
-    async def collect(request: Request, events: asyncio.Queue) -> tuple[str, Event]:
-        text = []
+    async def collect(request: Request, events: asyncio.Queue) -> tuple[str, Event, list[TokenLogprob]]:
+        text, logprobs = [], []
         try:
             while True:
                 event = await events.get()
                 if event.error:
                     raise APIError(500, event.error)
                 text.append(event.text)
+                logprobs += event.logprobs
                 if event.finish_reason:
-                    return "".join(text), event
+                    return "".join(text), event, logprobs
         finally:
             request.cancelled = True  # a no-op once it finished; frees the slot if this handler was cancelled
+
+    def token_text(token: int) -> str:
+        return tokenizer.decode([token])
+
+    def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+        """OpenAI's chat form: each token with its log-probability, its UTF-8 bytes and the most likely tokens."""
+
+        def described(token: int, logprob: float) -> dict:
+            text = token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [described(e.token, e.logprob) | {"top_logprobs": [described(*t) for t in e.top]}
+                            for e in entries], "refusal": None}
+
+    def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict:
+        """The legacy completions form: parallel lists, each token's character offset in the returned text."""
+        tokens = [token_text(e.token) for e in entries]
+        offsets = [offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
 
     def usage(event: Event) -> dict:
         return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
@@ -278,7 +309,7 @@ def create_app(engine: Engine, tokenizer, models: dict[str, ServedModel], defaul
                         yield f"data: {json.dumps({'error': {'message': event.error, 'type': 'server_error'}})}\n\n"
                         break
                     if event.text or event.finish_reason:
-                        yield f"data: {json.dumps(chunk(event.text, event.finish_reason))}\n\n"
+                        yield f"data: {json.dumps(chunk(event.text, event.finish_reason, event.logprobs))}\n\n"
                     if event.finish_reason:
                         if include_usage:
                             final = chunk("", None) | {"choices": [], "usage": usage(event)}
@@ -303,20 +334,24 @@ def create_app(engine: Engine, tokenizer, models: dict[str, ServedModel], defaul
                                      [m["content"] for m in messages], "messages")
         except UserError as error:
             raise APIError(400, str(error), "messages") from None
-        request, events = submit(body, model, prompt, body.max_completion_tokens or body.max_tokens, "messages")
+        top_logprobs = body.top_logprobs_asked()
+        request, events = submit(body, model, prompt, body.max_completion_tokens or body.max_tokens, "messages",
+                                 top_logprobs)
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            def chunk(text, finish_reason):
+            def chunk(text, finish_reason, logprobs=()):
                 delta = {"role": "assistant", "content": ""} if text is None else {"content": text}
                 if finish_reason and not text:
                     delta = {}
+                shown = chat_logprobs(logprobs) if top_logprobs is not None and logprobs else None
                 return {"id": reply_id, "object": "chat.completion.chunk", "created": now, "model": model.name,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+                        "choices": [{"index": 0, "delta": delta, "logprobs": shown, "finish_reason": finish_reason}]}
 
             return stream(request, events, chunk, bool((body.stream_options or {}).get("include_usage")))
-        text, final = await collect(request, events)
+        text, final, logprobs = await collect(request, events)
         return {"id": reply_id, "object": "chat.completion", "created": now, "model": model.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": chat_logprobs(logprobs) if top_logprobs is not None else None,
                              "finish_reason": final.finish_reason}],
                 "usage": usage(final)}
 
@@ -329,23 +364,30 @@ def create_app(engine: Engine, tokenizer, models: dict[str, ServedModel], defaul
                 raise APIError(400, "one prompt per request (a list of one string at most)", "prompt")
             body.prompt = body.prompt[0]
         prompt = await tokenized(lambda: tokenizer.encode(body.prompt).tolist(), [body.prompt], "prompt")
-        request, events = submit(body, model, prompt, body.max_tokens, "prompt")
+        request, events = submit(body, model, prompt, body.max_tokens, "prompt", body.logprobs)
         reply_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prefix = body.prompt if body.echo else ""
         if body.stream:
-            def chunk(text, finish_reason):
+            sent = len(prefix)
+
+            def chunk(text, finish_reason, logprobs=()):
+                nonlocal sent
                 if text is None:
                     if not prefix:
                         return None
                     text = prefix
+                    shown = None
+                else:
+                    shown = completion_logprobs(logprobs, sent) if body.logprobs is not None else None
+                    sent += len(text)
                 return {"id": reply_id, "object": "text_completion", "created": now, "model": model.name,
-                        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+                        "choices": [{"index": 0, "text": text, "logprobs": shown, "finish_reason": finish_reason}]}
 
             return stream(request, events, chunk, bool((body.stream_options or {}).get("include_usage")))
-        text, final = await collect(request, events)
+        text, final, logprobs = await collect(request, events)
+        shown = completion_logprobs(logprobs, len(prefix)) if body.logprobs is not None else None
         return {"id": reply_id, "object": "text_completion", "created": now, "model": model.name,
-                "choices": [{"index": 0, "text": prefix + text, "logprobs": None,
-                             "finish_reason": final.finish_reason}],
+                "choices": [{"index": 0, "text": prefix + text, "logprobs": shown, "finish_reason": final.finish_reason}],
                 "usage": usage(final)}
 
     return app

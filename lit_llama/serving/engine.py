@@ -31,12 +31,23 @@ from lit_llama.serving.multi_lora import AdapterRouting
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature and top_p), and the `top` most
+    likely tokens' at that step."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Event:
     text: str = ""
     finish_reason: Optional[str] = None  # "stop", "length"
     error: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens generated since the previous event
 
 
 @dataclass(eq=False)
@@ -49,11 +60,13 @@ class Request:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
+    top_logprobs: Optional[int] = None  # None: no log-probabilities; k: each token's, with the k most likely
     cancelled: bool = False  # set by the server when the client goes away
     tokens: list[int] = field(default_factory=list)  # generated, stop token excluded
     generated: int = 0  # tokens generated, a final stop token included
     text_sent: int = 0  # characters of the decoded text already emitted
     generator: Optional[torch.Generator] = None
+    logprobs_due: list[TokenLogprob] = field(default_factory=list)  # not yet emitted
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -62,6 +75,12 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     probs = sorted_logits.softmax(-1)
     drop = probs.cumsum(-1) - probs >= top_p
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    logprobs = logits.float().log_softmax(-1)
+    values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0].long())
+    return TokenLogprob(token, float(logprobs[token]), list(zip(ids.tolist(), values.tolist())))
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -187,6 +206,8 @@ class Engine:
                     scaled = top_p_filter(scaled, request.top_p)
                 tokens[i] = int(torch.multinomial(scaled.softmax(-1), 1, generator=request.generator))
             self.last_tokens[row] = tokens[i]
+            if request.top_logprobs is not None and tokens[i] not in self.stop_ids:
+                request.logprobs_due.append(token_logprob(logits[i], tokens[i], request.top_logprobs))
             if self.advance(request, tokens[i], self.lengths[row]):
                 finished.append(row)
         for row in reversed(finished):
@@ -218,7 +239,9 @@ class Engine:
             end = len(text)
         delta, request.text_sent = text[request.text_sent : end], max(end, request.text_sent)
         if delta or finish:
-            request.emit(Event(delta, finish, prompt_tokens=len(request.prompt), completion_tokens=request.generated))
+            request.emit(Event(delta, finish, prompt_tokens=len(request.prompt), completion_tokens=request.generated,
+                               logprobs=request.logprobs_due))
+            request.logprobs_due = []
         return finish is not None
 
     def remove(self, row: int) -> None:
