@@ -270,10 +270,16 @@ HOSTILE = {  # body -> (status, param or None): each answered with OpenAI's erro
 @pytest.mark.parametrize("case", HOSTILE)
 def test_a_hostile_request_gets_one_openai_error_and_the_server_goes_on(served, case):
     body, status, param = HOSTILE[case]
-    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
-    got, reply = post(served, path, json.dumps(body).encode())
-    assert (got, reply["error"]["param"]) == (status, param), reply
-    assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"]
+    body = dict(body)
+    model = body.pop("model")
+    if "prompt" in body:
+        create, required = served.client.completions.create, {"prompt": body.pop("prompt")}
+    else:
+        create, required = served.client.chat.completions.create, {"messages": body.pop("messages")}
+    with pytest.raises(openai.APIStatusError) as refused:  # what the client raises, with the reply's error fields
+        create(model=model, **required, extra_body=body)
+    assert (refused.value.status_code, refused.value.param) == (status, param), refused.value.body
+    assert refused.value.type == "invalid_request_error" and refused.value.message
     assert served.chat("base", QUESTION).choices[0].message.content == served.greedy_chat("base", QUESTION)
 
 
