@@ -160,26 +160,27 @@ def test_every_writer_is_found_and_tested():
     assert len(WRITERS) >= 15 and "scripts/convert_to_gguf.py" in WRITERS and "scripts/prepare_chat.py" in WRITERS
 
 
+def refused_keeping(script: str, args: list, kept: Path, capsys) -> str:
+    """Run `script`; it must exit 2 with no traceback and leave `kept` byte-identical. Returns its last stderr line."""
+    before = kept.read_bytes()
+    code, trace = run_in_process(script, args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not trace and lines and "Traceback" not in "\n".join(lines), (trace, lines)
+    assert kept.read_bytes() == before
+    return lines[-1]
+
+
 @pytest.mark.parametrize("script", WRITERS)
 def test_no_writer_writes_onto_one_of_its_inputs(script, world, tmp_path, capsys):
     args, input_file = onto_an_input(script)(world, tmp_path)
-    before = input_file.read_bytes()
-    code, trace = run_in_process(script, args)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and not trace, trace
-    assert lines and "one of this command's inputs" in lines[-1] and "Traceback" not in "\n".join(lines), lines
-    assert input_file.read_bytes() == before
+    assert "one of this command's inputs" in refused_keeping(script, args, input_file, capsys)
 
 
 @pytest.mark.parametrize("script", WRITERS)
 def test_no_writer_replaces_an_existing_output_without_overwrite(script, world, tmp_path, capsys):
     args, mine = an_existing_output(script)(world, tmp_path)
-    before = mine.read_bytes()
-    code, trace = run_in_process(script, args)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and not trace, trace
-    assert lines and "--overwrite true" in lines[-1] and str(mine) in lines[-1], lines
-    assert mine.read_bytes() == before
+    line = refused_keeping(script, args, mine, capsys)
+    assert "--overwrite true" in line and str(mine) in line, line
 
 
 def test_overwrite_replaces_an_earlier_output_and_a_second_conversion_needs_it(world, tmp_path, capsys):
