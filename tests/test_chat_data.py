@@ -15,9 +15,7 @@ from lit_llama.data import IGNORE_INDEX, load_prepared, prepare, tokenize
 from lit_llama.errors import UserError
 from lit_llama.prompts import PromptStyle, resolve_prompt_style
 from lit_llama.tokenizer import Tokenizer
-from tiny_tokenizers import (
-    TEMPLATES, make_byte_level_bpe, make_chat_checkpoint, make_llama3_like, smollm2_chat_template,
-)
+from tiny_tokenizers import TEMPLATES, make_byte_level_bpe, make_chat_checkpoint, make_llama3_like
 
 pytest.importorskip("google.protobuf", reason="reading a SentencePiece model needs protobuf")
 
@@ -256,16 +254,12 @@ def test_no_conversation_fitting_is_a_user_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_smollm2_conversations_are_transformers_tokenized_chat(tmp_path):
+def test_shipped_smollm2_conversations_are_transformers_tokenized_chat(smollm2_checkpoint):
     """The real SmolLM2 tokenizer and template (converted from the shipped GGUF): a prepared conversation is exactly
     transformers' tokenized chat up to the last reply's <|im_end|>, and only the replies are labelled."""
     transformers = pytest.importorskip("transformers")
-    smollm2_chat_template()  # skips without the GGUF package
-    from conftest import run_script
-
-    run_script("scripts/convert_gguf_checkpoint.py", "--output_dir", tmp_path, check=True)
-    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
-    tokenizer, style = Tokenizer(tmp_path), resolve_prompt_style(None, tmp_path)
+    reference = transformers.AutoTokenizer.from_pretrained(str(smollm2_checkpoint))
+    tokenizer, style = Tokenizer(smollm2_checkpoint), resolve_prompt_style(None, smollm2_checkpoint)
     samples, _, _ = tokenize_conversations(CHATS, tokenizer, style, 10**6)
     for sample, chat in zip(samples, CHATS):
         expected = list(reference.apply_chat_template(chat, tokenize=True, return_dict=False))

@@ -2,7 +2,6 @@
 each as transformers computes it: tiny random models of transformers' own classes, converted with the scripts, give
 transformers' logits and greedy tokens; LoRA on every layer merges exactly; the PEFT and Hugging Face exports load in
 transformers with the same logits. The named configs of the real sizes have the real parameter counts."""
-import json
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from lit_llama.checkpoint import load
 from lit_llama.convert import config_from_hf, config_to_hf
 from lit_llama.errors import UserError
 from lit_llama.fast_decode import DecodeStep
-from lit_llama.generation import generate
 from lit_llama.lora import LORA, LoRAArgs, add_lora
 from lit_llama.method import merge
 from lit_llama.model import LLaMA, Config

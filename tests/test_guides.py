@@ -3,7 +3,6 @@ script's own flags (a flag that does not exist, or a value of the wrong type, fa
 task YAML of howto/evaluate.md loads without a warning."""
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 

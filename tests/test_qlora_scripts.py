@@ -8,7 +8,7 @@ import torch
 
 from conftest import assert_close, run_script
 from lit_llama.finetuned import load_finetuned
-from lit_llama.lora import LORA, LoRAArgs, add_lora
+from lit_llama.lora import LoRAArgs, add_lora
 from lit_llama.quantize import is_quantized, quantize_frozen
 from tiny_finetunes import load_base
 from tiny_runs import as_args, finetune_main, make_inputs, settings, single_thread  # noqa: F401 (fixture)

@@ -24,7 +24,7 @@ from lit_llama.prompts import resolve_prompt_style
 from lit_llama.serving import parse_adapters
 from lit_llama.serving.multi_lora import add_adapters
 from tiny_finetunes import load_base, make_base, randomise_trainable, save_finetuned
-from tiny_tokenizers import QWEN, smollm2_chat_template, with_template
+from tiny_tokenizers import QWEN, with_template
 
 openai = pytest.importorskip("openai")
 
@@ -379,10 +379,8 @@ def test_an_adapter_of_another_base_or_method_is_refused_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_shipped_smollm2_serves_a_lora_as_generate_finetuned_answers(tmp_path):
-    smollm2_chat_template()  # skips without the GGUF package
-    run_script("scripts/convert_gguf_checkpoint.py", "--output_dir", tmp_path / "smollm2", check=True)
-    served = Served(tmp_path, tmp_path / "smollm2" / "lit-llama.pth",
+def test_the_shipped_smollm2_serves_a_lora_as_generate_finetuned_answers(tmp_path, smollm2_checkpoint):
+    served = Served(tmp_path, smollm2_checkpoint / "lit-llama.pth",
                     {"demo": dict(r=8, alpha=16, targets=["query", "value", "mlp"])}, std=0.01)
     try:
         messages = [{"role": "user", "content": "What is the capital of France?"}]
