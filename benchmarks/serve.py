@@ -8,9 +8,9 @@ precision with the same number of torch threads, and stop at EOS the same way.
 
     python benchmarks/serve.py --checkpoint_dir checkpoints/smollm2-135m-instruct --threads 2
 
-With --refused_request_bytes N, each level of the server runs once more while another client keeps sending a chat
-request of N bytes that the server must refuse (too long for the context): the clients' latencies then show whether
-a huge request holds the others up, and the refusals' own times are printed.
+With --refused_request_bytes N, each level of the server runs once more while another client sends, once a second,
+a chat request of N bytes that the server must refuse (too long for the context): the clients' latencies then show
+whether huge requests hold the others up, and the refusals' own times are printed.
 
 Without a converted checkpoint, convert the shipped one first: python scripts/convert_gguf_checkpoint.py.
 """
@@ -82,8 +82,8 @@ def post_json(url: str, body: dict) -> dict:
 
 @contextlib.contextmanager
 def refusing(url: str, model: str, size: int, seconds: list[float]):
-    """A client sending, until the block ends, chat requests of `size` bytes that the server refuses; the time each
-    refusal took goes into `seconds`."""
+    """A client sending, once a second until the block ends, chat requests of `size` bytes that the server refuses;
+    the time each refusal took goes into `seconds`."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "word " * (size // 5)}]}).encode()
     done, answered = threading.Event(), []
 
@@ -96,6 +96,7 @@ def refusing(url: str, model: str, size: int, seconds: list[float]):
             except urllib.error.HTTPError as error:
                 error.read()
             seconds.append(time.perf_counter() - start)
+            done.wait(max(0.0, 1.0 - seconds[-1]))
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
