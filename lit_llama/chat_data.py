@@ -133,12 +133,13 @@ def tokenize_conversation(
     counts at which the assistant turns end. One text, tokenized whole: the ids are those of the rendered chat.
     With `max_seq_length`, turns that would start past it are not located (fit() cuts them anyway): time stays
     linear in the conversation's length."""
-    full, stop_after = style.render(conversation), math.inf
+    full, stop_after, encoded = style.render(conversation), math.inf, None
     if max_seq_length is not None:
-        ((_, starts),) = tokenizer.encode_with_offsets([full])
+        ((_, starts),) = encoded = tokenizer.encode_with_offsets([full])
         stop_after = starts[max_seq_length] if len(starts) > max_seq_length else math.inf
     text, spans = assistant_spans(style, conversation, tokenizer.special_token_texts, full, stop_after)
-    ((ids, starts),) = tokenizer.encode_with_offsets([text])
+    # a conversation that ends with its last reply (the usual case) is not tokenized a second time
+    ((ids, starts),) = encoded if encoded is not None and text == full else tokenizer.encode_with_offsets([text])
     # a format style (chatml) leaves BOS to the tokenizer; a checkpoint's template wrote its own
     prefix = [] if style.renders_special_tokens else tokenizer.encode("", bos=None, eos=False).tolist()
     span_starts = [start for start, _ in spans]
